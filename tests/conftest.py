@@ -1,0 +1,31 @@
+"""Shared pytest set-up: quiet, offline, and where the real test data lives."""
+import os
+import pathlib
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('USE_TF', '0')
+os.environ.setdefault('TFDS_DISABLE_GCS', '1')
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout (CI lays a copy there too).
+SHARED_DATA = pathlib.Path(
+    os.environ.get('HYPERPROMPT_SHARED_DATA', REPO_ROOT.parent / 'shared' / 'data'))
+
+
+@pytest.fixture(scope='session')
+def shared_data() -> pathlib.Path:
+  """The real GLUE/SuperGLUE files and T5X checkpoint in ../shared/data."""
+  if not SHARED_DATA.is_dir():
+    raise FileNotFoundError(
+        f'{SHARED_DATA} is missing: these tests read the real data in ../shared/data '
+        '(set HYPERPROMPT_SHARED_DATA to its location).')
+  return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def t5x_tiny_checkpoint(shared_data) -> pathlib.Path:
+  """A real T5X legacy checkpoint of a tiny T5 1.1 (emb 8, 4x3 heads, 2+2 layers)."""
+  return shared_data / 't5x' / 'test_t5_tiny.checkpoint_0'
