@@ -1,0 +1,326 @@
+"""T5X checkpoints -> the T5X parameter tree as float32 numpy.
+
+T5X writes `checkpoint_N/checkpoint`, a msgpack of
+`{'version', 'optimizer': {'target': params, 'state': ...}}` (newer:
+`{'target', 'state'}`); small arrays are inline (flax's msgpack ndarray
+extension), large ones are replaced by TensorStore zarr specs whose
+`kvstore.path` is relative to `checkpoint_N/` (file or gcs driver). This
+module reads both, locally or on `gs://`, without T5X or TensorFlow.
+Public names are re-exported by `hyperprompt_t5x.checkpoints`.
+"""
+import json
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from flax import serialization
+import numpy as np
+
+Params = Dict[str, Any]
+BACKBONE_KEYS = ('token_embedder', 'encoder', 'decoder')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be read, or does not fit the model; says what and where."""
+
+
+# ----------------------------------------------------------------------------
+# Small tree helpers.
+# ----------------------------------------------------------------------------
+
+
+def to_plain_dict(tree: Any) -> Any:
+  """Nested Mapping (dict / FrozenDict) -> nested plain dict, leaves untouched."""
+  if isinstance(tree, Mapping):
+    return {k: to_plain_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """Nested dict -> {'encoder/layers_0/attention/query/kernel': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}/{key}' if prefix else str(key)
+    if isinstance(value, Mapping):
+      flat.update(flatten_params(value, name))
+    else:
+      flat[name] = value
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> Params:
+  """Inverse of `flatten_params`."""
+  tree: Params = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def to_float32(value: Any, name: str, source: str) -> np.ndarray:
+  """Any stored float array (incl. bfloat16) -> float32 numpy."""
+  arr = np.asarray(value)
+  if arr.dtype.kind != 'f' and not arr.dtype.name.startswith(('bfloat', 'float')):
+    raise CheckpointError(
+        f'{source}: parameter {name!r} has dtype {arr.dtype}, expected a '
+        'floating-point array.')
+  return arr.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# T5X: msgpack + TensorStore.
+# ----------------------------------------------------------------------------
+
+_GCS_RE = re.compile(r'^gs://([^/]+)/?(.*)$', re.DOTALL)
+
+
+def is_gcs_path(path: str) -> bool:
+  return path.startswith('gs://')
+
+
+def _path_join(directory: str, name: str) -> str:
+  return directory.rstrip('/') + '/' + name if is_gcs_path(directory) else (
+      os.path.join(directory, name))
+
+
+def _gcs_kvstore(path: str) -> Dict[str, str]:
+  """'gs://bucket/a/b' -> tensorstore gcs kvstore spec."""
+  bucket, key = _GCS_RE.fullmatch(path).groups()
+  return {'driver': 'gcs', 'bucket': bucket, 'path': key}
+
+
+def _read_bytes(path: str) -> Optional[bytes]:
+  """The whole file, local or gs:// (through tensorstore); None if absent."""
+  if is_gcs_path(path):
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    spec = _gcs_kvstore(path)
+    store = ts.KvStore.open({'driver': 'gcs', 'bucket': spec['bucket']}).result()
+    result = store.read(spec['path']).result()
+    return bytes(result.value) if result.state == 'value' else None
+  if not os.path.isfile(path):
+    return None
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def _checkpoint_file(path: str) -> Tuple[str, str]:
+  """A checkpoint dir or its msgpack file -> (checkpoint dir, msgpack file)."""
+  path = os.fspath(path)
+  if is_gcs_path(path):
+    if path.rstrip('/').endswith('/checkpoint'):
+      return path.rstrip('/').rsplit('/', 1)[0], path.rstrip('/')
+    return path.rstrip('/'), _path_join(path, 'checkpoint')
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: no such checkpoint file or directory.')
+  if os.path.isdir(path):
+    file = os.path.join(path, 'checkpoint')
+    if not os.path.isfile(file):
+      steps = sorted(d for d in os.listdir(path) if d.startswith('checkpoint_'))
+      hint = (f' It holds {", ".join(steps)}: pass one of those.' if steps else '')
+      raise CheckpointError(
+          f'{path}: not a T5X checkpoint directory (no `checkpoint` file in it).'
+          + hint)
+    return path, file
+  return os.path.dirname(os.path.abspath(path)), path
+
+
+def _is_ts_spec(value: Any) -> bool:
+  return isinstance(value, Mapping) and 'driver' in value and (
+      'kvstore' in value or 'path' in value)
+
+
+def absolute_ts_spec(spec: Mapping[str, Any], ckpt_dir: str) -> Dict[str, Any]:
+  """A T5X TensorStore spec (path relative to the checkpoint dir) -> openable spec.
+
+  T5X writes paths relative to `checkpoint_N/` so checkpoints can be moved; a
+  `gs://` checkpoint dir gives the gcs driver with its bucket (T5X writes a
+  dummy bucket), a local one the file driver, whatever driver was recorded.
+  Chunking and compression are dropped: the stored zarr metadata has them.
+  """
+  spec = json.loads(json.dumps(to_plain_dict(spec)))  # deep copy, plain types
+  kvstore = spec.get('kvstore', {})
+  if isinstance(kvstore, str):  # very old: kvstore given as a driver URL
+    kvstore = {'driver': 'file', 'path': kvstore}
+  if 'path' not in kvstore and 'path' in spec:  # tensorstore < 0.1.14 layout
+    kvstore['path'] = spec.pop('path')
+  rel = kvstore.get('path')
+  if not rel:
+    raise ValueError(f'TensorStore spec without a path: {spec}')
+  if is_gcs_path(rel):
+    spec['kvstore'] = _gcs_kvstore(rel)
+  elif is_gcs_path(ckpt_dir):
+    spec['kvstore'] = _gcs_kvstore(_path_join(ckpt_dir, rel))
+  else:
+    spec['kvstore'] = {'driver': 'file',
+                       'path': rel if os.path.isabs(rel) else os.path.join(ckpt_dir, rel)}
+  metadata = spec.get('metadata', {})
+  for key in ('chunks', 'compressor'):
+    metadata.pop(key, None)
+  return spec
+
+
+def _select_target(state: Any, source: str) -> Mapping[str, Any]:
+  """The parameter tree inside a restored T5X state."""
+  if not isinstance(state, Mapping):
+    raise CheckpointError(
+        f'{source}: not a T5X checkpoint (msgpack holds a {type(state).__name__}, '
+        'expected a dict with `optimizer/target` or `target`).')
+  if isinstance(state.get('optimizer'), Mapping) and 'target' in state['optimizer']:
+    target = state['optimizer']['target']  # legacy: {'version', 'optimizer': ...}
+  elif isinstance(state.get('target'), Mapping):
+    target = state['target']  # newer: {'target', 'state', ...}
+  elif any(k in state for k in BACKBONE_KEYS):
+    target = state  # a bare params tree
+  else:
+    raise CheckpointError(
+        f'{source}: not a T5X checkpoint: no `optimizer/target` or `target` in it '
+        f'(top-level keys: {sorted(map(str, state))}).')
+  missing = [k for k in BACKBONE_KEYS if k not in target]
+  if missing:
+    raise CheckpointError(
+        f'{source}: not a T5 encoder-decoder checkpoint: `target` lacks '
+        f'{missing} (has {sorted(map(str, target))}).')
+  return target
+
+
+def _read_tensorstores(specs: Mapping[str, Mapping[str, Any]], ckpt_dir: str,
+                       version: int, source: str) -> Dict[str, np.ndarray]:
+  """Reads all TensorStore-backed params concurrently -> {name: float32}."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+
+  def fail(name, e):
+    return CheckpointError(
+        f'{source}: cannot read the TensorStore array of parameter {name!r} '
+        f'(checkpoint version {version}; spec '
+        f'{absolute_ts_spec(specs[name], ckpt_dir)}): {e}')
+
+  pending, out = {}, {}
+  for name, spec in specs.items():  # start all reads, then collect them
+    try:
+      pending[name] = ts.open(absolute_ts_spec(spec, ckpt_dir), open=True,
+                              read=True).result().read()
+    except Exception as e:  # pylint: disable=broad-except
+      raise fail(name, e) from e
+  for name, future in pending.items():
+    try:
+      arr = np.asarray(future.result())
+    except Exception as e:  # pylint: disable=broad-except
+      raise fail(name, e) from e
+    if arr.dtype == np.uint16:
+      # Checkpoint version < 3 wrote bfloat16 as its raw uint16 bits.
+      import ml_dtypes  # pylint: disable=g-import-not-at-top
+      arr = arr.view(ml_dtypes.bfloat16)
+    out[name] = to_float32(arr, name, source)
+  return out
+
+
+def load_t5x_params(path: str) -> Params:
+  """Reads the parameters (`target` tree) of a T5X checkpoint.
+
+  Args:
+    path: a `checkpoint_N` directory holding the msgpack file `checkpoint`, or
+      that file itself; local or `gs://`.
+
+  Returns:
+    Nested dict {'token_embedder', 'encoder', 'decoder'} of float32 numpy
+    arrays, named and shaped as T5X stores them (2-D kernels).
+
+  Raises:
+    CheckpointError: missing path, unreadable/truncated msgpack, a file that is
+      not a T5 checkpoint, or an unreadable TensorStore array; names the path.
+  """
+  path = os.fspath(path)
+  ckpt_dir, file = _checkpoint_file(path)
+  try:
+    raw = _read_bytes(file)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'{file}: cannot read checkpoint file: {e}') from e
+  if raw is None:
+    raise CheckpointError(f'{file}: no such checkpoint file.')
+  try:
+    state = serialization.msgpack_restore(raw)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f'{file}: not a readable T5X msgpack checkpoint (truncated or not '
+        f'msgpack: {type(e).__name__}: {e}).') from e
+  target = _select_target(state, file)
+  version = int(state.get('version', 0)) if isinstance(state, Mapping) else 0
+
+  flat = flatten_params(_unfreeze_specs(target))
+  inline, specs = {}, {}
+  for name, value in flat.items():
+    if isinstance(value, _Spec):
+      specs[name] = value.spec
+    elif isinstance(value, np.ndarray) or np.isscalar(value):
+      inline[name] = to_float32(value, name, file)
+    else:
+      raise CheckpointError(
+          f'{file}: parameter {name!r} is a {type(value).__name__}, expected an '
+          'array or a TensorStore spec.')
+  inline.update(_read_tensorstores(specs, ckpt_dir, version, file))
+  return unflatten_params({n: inline[n] for n in flat})
+
+
+class _Spec:
+  """Marks a TensorStore spec dict as a leaf while flattening."""
+
+  def __init__(self, spec):
+    self.spec = spec
+
+
+def _unfreeze_specs(tree: Any) -> Any:
+  if _is_ts_spec(tree):
+    return _Spec(tree)
+  if isinstance(tree, Mapping):
+    return {k: _unfreeze_specs(v) for k, v in tree.items()}
+  return tree
+
+
+def _layer_count(stack: Mapping[str, Any]) -> int:
+  return sum(1 for k in stack if re.fullmatch(r'layers_\d+', str(k)))
+
+
+def t5x_config_from_params(params: Mapping[str, Any], **overrides):
+  """Infers the backbone `T5Config` from a T5X parameter tree's shapes.
+
+  emb_dim and vocab from the embedding, heads from the relpos table [H, 32],
+  head_dim from the query kernel [D, H*K], layers by counting `layers_i`, mlp
+  from `wo` [F, D], activations from `wi` / `wi_0, wi_1`, logits_via_embedding
+  from the absence of `decoder/logits_dense`. `overrides` set any other field
+  (dtype, method, num_tasks, ...).
+  """
+  from hyperprompt_t5x.network import T5Config  # pylint: disable=g-import-not-at-top
+  params = to_plain_dict(params)
+  if 'params' in params and 'encoder' not in params:
+    params = params['params']
+  try:
+    vocab, emb = np.shape(params['token_embedder']['embedding'])
+    enc, dec = params['encoder'], params['decoder']
+    heads = np.shape(enc['relpos_bias']['rel_embedding'])[0]
+    joined = np.shape(enc['layers_0']['attention']['query']['kernel'])[1]
+    mlp = enc['layers_0']['mlp']
+    mlp_dim = np.shape(mlp['wo']['kernel'])[0]
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(
+        f'cannot infer a T5 config: parameter tree lacks {e} (expects the T5X '
+        'tree token_embedder/encoder/decoder).') from e
+  if joined % heads:
+    raise CheckpointError(
+        f'cannot infer head_dim: query kernel width {joined} is not a multiple of '
+        f'{heads} heads.')
+  if 'wi_0' in mlp:
+    n_act = sum(1 for k in mlp if re.fullmatch(r'wi_\d+', str(k)))
+    activations = ('gelu', 'linear') if n_act == 2 else ('gelu',) + ('linear',) * (n_act - 1)
+  else:
+    activations = ('relu',)
+  fields = dict(
+      vocab_size=int(vocab), emb_dim=int(emb), num_heads=int(heads),
+      head_dim=int(joined // heads), num_encoder_layers=_layer_count(enc),
+      num_decoder_layers=_layer_count(dec), mlp_dim=int(mlp_dim),
+      mlp_activations=activations,
+      logits_via_embedding='logits_dense' not in dec)
+  fields.update(overrides)
+  return T5Config(**fields)
