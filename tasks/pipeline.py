@@ -1,0 +1,148 @@
+"""Trainer-facing datasets: batches with task ids, eval sets with targets, scoring.
+
+Task ids are attached here, when the dataset is built, from the mixture asked
+for (`mixtures.task_id`), so one task can sit in any mixture; a task asked for
+on its own gets id 0.
+"""
+import dataclasses
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from . import feature_converter
+from . import mixtures
+
+
+def _check_lengths(task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
+  missing = {'inputs', 'targets'} - set(task_feature_lengths)
+  if missing:
+    raise ValueError(f'task_feature_lengths needs "inputs" and "targets", got '
+                     f'{dict(task_feature_lengths)}')
+  return {'inputs': int(task_feature_lengths['inputs']),
+          'targets': int(task_feature_lengths['targets'])}
+
+
+def _task_split(task: seqio.Task, split: str) -> str:
+  """`split`, or MNLI's `<split>_matched` when the task has no plain `<split>`."""
+  splits = task.source.splits
+  if split in splits:
+    return split
+  if f'{split}_matched' in splits:
+    return f'{split}_matched'
+  raise ValueError(f'task {task.name!r} has no split {split!r}; it has {list(splits)}')
+
+
+def _with_task_id(ds: tf.data.Dataset, task_id: int) -> tf.data.Dataset:
+  # Keep only what the converter needs, so all tasks share one structure.
+  return ds.map(lambda ex: {'inputs': ex['inputs'], 'targets': ex['targets'],
+                            'task_id': tf.constant(task_id, tf.int32)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def get_examples(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+                 shuffle: bool = True, seed: Optional[int] = None, shard_id: int = 0,
+                 num_shards: int = 1, num_epochs: Optional[int] = None) -> tf.data.Dataset:
+  """Tokenized examples {'inputs', 'targets', 'task_id'} sampled by the mixing rates."""
+  lengths = _check_lengths(task_feature_lengths)
+  names = mixtures.task_names(mixture_or_task_name)
+  shard_info = seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None
+  datasets = []
+  for task_id, name in enumerate(names):
+    task = seqio.get_mixture_or_task(name)
+    ds = task.get_dataset(lengths, split=_task_split(task, split), use_cached=False,
+                          shuffle=shuffle, seed=None if seed is None else seed + task_id,
+                          shard_info=shard_info, num_epochs=num_epochs)
+    datasets.append(_with_task_id(ds, task_id))
+  if len(datasets) == 1:
+    return datasets[0]
+  if mixture_or_task_name in mixtures.MIXTURE_TASKS:
+    rates = mixtures.rates(mixture_or_task_name)
+    weights = np.array([rates[n] for n in names], dtype=np.float64)
+  else:
+    weights = np.ones(len(names))
+  weights = (weights / weights.sum()).tolist()
+  return tf.data.Dataset.sample_from_datasets(datasets, weights, seed=seed,
+                                              stop_on_empty_dataset=True)
+
+
+def get_dataset(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+                batch_size: int, shuffle: bool = True, seed: Optional[int] = None,
+                shard_id: int = 0, num_shards: int = 1, num_epochs: Optional[int] = None,
+                drop_remainder: Optional[bool] = None) -> tf.data.Dataset:
+  """Batches of model features (see feature_converter) with `task_ids` [batch].
+
+  `drop_remainder` defaults to True for split 'train'. `num_epochs=None`
+  repeats forever.
+  """
+  ds = get_examples(mixture_or_task_name, split, task_feature_lengths, shuffle, seed,
+                    shard_id, num_shards, num_epochs)
+  ds = feature_converter.TaskIdEncDecFeatureConverter()(ds, _check_lengths(task_feature_lengths))
+  if drop_remainder is None:
+    drop_remainder = split == 'train'
+  return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalDataset:
+  """One task's evaluation set, in a fixed order.
+
+  `dataset` yields batches of model features (last batch may be short);
+  `targets[i]` is the postprocessed target of example i, ready for
+  `compute_metrics(name, targets, predictions_text)`; `inputs` the input texts.
+  """
+  name: str
+  task_id: int
+  dataset: tf.data.Dataset
+  targets: List[Any]
+  inputs: List[str]
+  num_examples: int
+
+
+def get_eval_datasets(mixture_or_task_name: str, split: str,
+                      task_feature_lengths: Mapping[str, int],
+                      batch_size: int) -> List[EvalDataset]:
+  """Per-task eval sets (MNLI as matched + mismatched, with MNLI's task id)."""
+  lengths = _check_lengths(task_feature_lengths)
+  out = []
+  for name in mixtures.eval_task_names(mixture_or_task_name):
+    task = seqio.get_mixture_or_task(name)
+    task_id = mixtures.task_id(mixture_or_task_name, name)
+    ds = task.get_dataset(lengths, split=_task_split(task, split), use_cached=False,
+                          shuffle=False, num_epochs=1)
+    if 'record_first_answer' in ds.element_spec:  # ReCoRD: one example per query
+      ds = ds.filter(lambda ex: ex['record_first_answer'])
+    ds = ds.cache()
+    targets, inputs = [], []
+    for ex in ds.as_numpy_iterator():
+      text = ex['targets_pretokenized'].decode('utf-8')
+      targets.append(task.postprocess_fn(text, example=ex, is_target=True))
+      inputs.append(ex['inputs_pretokenized'].decode('utf-8'))
+    converted = feature_converter.TaskIdEncDecFeatureConverter()(
+        _with_task_id(ds, task_id), lengths)
+    out.append(EvalDataset(name=name, task_id=task_id,
+                           dataset=converted.batch(batch_size, drop_remainder=False),
+                           targets=targets, inputs=inputs, num_examples=len(targets)))
+  return out
+
+
+def decode_predictions(mixture_or_task_name: str, token_ids: Sequence[Sequence[int]]) -> List[str]:
+  """Decoded output ids [batch, len] -> texts (cut at EOS, padding dropped)."""
+  from . import get_vocabulary  # the package's current vocabulary  # pylint: disable=g-import-not-at-top
+  vocabulary = get_vocabulary(mixture_or_task_name)
+  return [vocabulary.decode([int(i) for i in row]) for row in np.asarray(token_ids)]
+
+
+def compute_metrics(task_name: str, targets: Sequence[Any],
+                    predictions_text: Sequence[str]) -> Dict[str, float]:
+  """The task's metrics: predictions postprocessed as seqio does, then metric_fns."""
+  task = seqio.get_mixture_or_task(task_name)
+  if not isinstance(task, seqio.Task):
+    raise ValueError(f'compute_metrics takes a task name, {task_name!r} is a mixture')
+  predictions = [task.postprocess_fn(p, example=None, is_target=False)
+                 for p in predictions_text]
+  results: Dict[str, float] = {}
+  for fn in task.metric_fns:
+    results.update(fn(list(targets), predictions))
+  return results

@@ -1,0 +1,66 @@
+"""The one vocabulary object shared by the GLUE/SuperGLUE tasks and the model.
+
+Chosen by the environment variable `HYPERPROMPT_VOCABULARY`:
+
+* unset: T5's public 32k SentencePiece model
+  `gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model` (its 100
+  sentinel ids are inside the model, so `extra_ids=0`); it is read lazily, on
+  the first encode/decode, so importing the tasks offline is fine;
+* `byte`: `seqio.ByteVocabulary()` (no file, offline);
+* any other value: the path of a SentencePiece `.model` file
+  (`HYPERPROMPT_VOCABULARY_EXTRA_IDS`, default 0, sentinel ids to add).
+
+`set_vocabulary(...)` swaps it at run time and re-registers the tasks with the
+new object (see `tasks/__init__.py`); the demo tasks always use their own
+`seqio.ByteVocabulary`, so ask `get_vocabulary(task_or_mixture_name)` for the
+object a given mixture uses.
+"""
+import os
+from typing import Optional, Union
+
+import seqio
+
+DEFAULT_SPM_PATH = 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model'
+VOCABULARY_ENV = 'HYPERPROMPT_VOCABULARY'
+EXTRA_IDS_ENV = 'HYPERPROMPT_VOCABULARY_EXTRA_IDS'
+
+# The demo mixture's vocabulary: one object, never swapped.
+DEMO_VOCABULARY = seqio.ByteVocabulary()
+
+
+def make_vocabulary(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabulary:
+  """A vocabulary from a spec: a Vocabulary, 'byte', a .model path, or None (env / default)."""
+  if isinstance(spec, seqio.Vocabulary):
+    return spec
+  if spec is None:
+    spec = os.environ.get(VOCABULARY_ENV) or DEFAULT_SPM_PATH
+  if not isinstance(spec, str):
+    raise TypeError(f'vocabulary spec must be a seqio.Vocabulary, "byte" or a path, got {spec!r}')
+  if spec == 'byte':
+    return seqio.ByteVocabulary()
+  if spec == DEFAULT_SPM_PATH:
+    return seqio.SentencePieceVocabulary(spec)
+  if not spec.startswith('gs://') and not os.path.isfile(spec):
+    raise FileNotFoundError(
+        f'SentencePiece model {spec!r} does not exist (from {VOCABULARY_ENV} or '
+        'set_vocabulary); set it to a .model file, to "byte", or unset it for '
+        f'T5\'s {DEFAULT_SPM_PATH}.')
+  extra_ids = int(os.environ.get(EXTRA_IDS_ENV, '0'))
+  return seqio.SentencePieceVocabulary(spec, extra_ids=extra_ids)
+
+
+class _Current:
+  vocabulary: Optional[seqio.Vocabulary] = None
+
+
+def current() -> seqio.Vocabulary:
+  """The vocabulary of the GLUE/SuperGLUE tasks (built once from the env var)."""
+  if _Current.vocabulary is None:
+    _Current.vocabulary = make_vocabulary(None)
+  return _Current.vocabulary
+
+
+def replace(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabulary:
+  """Makes `spec` the current vocabulary (the caller re-registers the tasks)."""
+  _Current.vocabulary = make_vocabulary(spec)
+  return _Current.vocabulary
