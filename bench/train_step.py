@@ -1,0 +1,403 @@
+"""Times the project's real jitted train step on synthetic batches.
+
+    python bench/train_step.py --sizes=base --methods=none,global \
+        --batch=64 --inputs_len=512 --targets_len=64 --out=/tmp/bench.json
+
+For every combination of the list flags (sizes × methods × freeze × attention
+implementations × remat policies) it builds the model, optimizer and sharded
+train state with the project's own code (`models`, `optim`, `partitioning`,
+`train_state`), compiles `make_train_step(...)` ahead of time (the compile time
+is reported on its own), runs `--warmup` untimed steps, then `--steps` timed
+ones. Each timed step is synchronised by `block_until_ready` on its loss and on
+nothing else; batches and per-step RNG keys are on the device before the loop,
+so the loop does no other host transfer. The train state is threaded through,
+as the step donates it.
+
+Reported per configuration (table on stdout, JSON in --out): step ms (median,
+p10, p90), tokens/s (input + target positions, padding included, as computed),
+model TFLOP/s (bench/flops.py), peak memory (the device's `peak_bytes_in_use`
+where the backend reports it; on the CPU the process's peak RSS, cumulative over
+the configurations run in this process: `peak_memory_source` says which), XLA's
+own estimate for the compiled step, compile time, and the overhead of each
+method against 'none' with the same other settings in the same run.
+
+Imports JAX, Flax, optax and the project's model/step modules only: no gin,
+seqio or TensorFlow (the GPU machine has none of them).
+"""
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import pathlib
+import platform
+import resource
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # run as a script from a bare checkout (the GPU machine)
+  sys.path.insert(0, str(_REPO))
+
+from bench import flops as flops_lib  # noqa: E402
+
+SIZES = ('tiny', 'small', 'base', 'large', 'xl', 'xxl')
+METHODS = flops_lib.ALL_METHODS
+FREEZE = ('all', 'conditioning')
+OPTIMIZERS = ('adamw', 'adafactor')
+RESULT_KEYS = (
+    'impl', 'size', 'method', 'freeze', 'optimizer', 'batch', 'inputs_len', 'targets_len',
+    'dtype', 'attention_impl', 'remat_policy', 'num_params', 'num_trainable_params',
+    'step_ms_median', 'step_ms_p10', 'step_ms_p90', 'steps', 'warmup', 'tokens_per_s',
+    'model_flops_per_step', 'model_tflops_per_s', 'peak_memory_bytes', 'peak_memory_source',
+    'compile_s', 'overhead_vs_none_pct', 'final_loss', 'error')
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """One timed configuration."""
+  size: str = 'base'
+  method: str = 'global'
+  freeze: str = 'all'
+  optimizer: str = 'adamw'
+  batch: int = 64
+  inputs_len: int = 512
+  targets_len: int = 64
+  dtype: str = 'bfloat16'
+  attention_impl: str = 'xla'
+  remat_policy: str = 'none'
+  embedding_lookup: Optional[str] = None  # None: the config's default
+  prompt_length: Optional[int] = None  # None: the config's default
+  num_tasks: int = 8
+  dropout_rate: float = 0.1
+  learning_rate: float = 1e-4
+  warmup: int = 3
+  steps: int = 10
+  num_batches: int = 2  # distinct device batches the loop rotates through
+  seed: int = 0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+  """Linear-interpolated percentile (q in [0, 100]) of a non-empty sequence."""
+  xs = sorted(values)
+  if not xs:
+    raise ValueError('percentile of an empty sequence')
+  pos = (len(xs) - 1) * q / 100.0
+  lo = int(pos)
+  hi = min(lo + 1, len(xs) - 1)
+  return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def synthetic_batch(rng, batch: int, inputs_len: int, targets_len: int, vocab_size: int,
+                    num_tasks: int) -> Dict[str, Any]:
+  """A T5X-style unpacked batch of random tokens with random-length padding and task ids.
+
+  Each row keeps between half and all of its positions (token 0 pads the rest,
+  EOS=1 closes the real part); decoder inputs are the targets shifted right.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  def tokens(length):
+    # [batch, length] random ids in [2, vocab); a random real length per row.
+    ids = rng.integers(2, vocab_size, size=(batch, length), dtype=np.int32)
+    real = rng.integers(max(1, length // 2), length + 1, size=(batch, 1))
+    pos = np.arange(length)[None, :]
+    ids = np.where(pos < real - 1, ids, np.where(pos == real - 1, 1, 0)).astype(np.int32)
+    return ids
+  enc = tokens(inputs_len)
+  tgt = tokens(targets_len)
+  # [batch, targets_len] -> shifted right by one, 0 (BOS) first.
+  dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
+  return {
+      'encoder_input_tokens': enc,
+      'decoder_target_tokens': tgt,
+      'decoder_input_tokens': dec_in,
+      'decoder_loss_weights': (tgt > 0).astype(np.float32),
+      'task_ids': rng.integers(0, num_tasks, size=(batch,), dtype=np.int32),
+  }
+
+
+def _peak_memory():
+  """(bytes, source): the device's peak allocation, else the process's peak RSS."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device.memory_stats.peak_bytes_in_use'
+  # Linux reports ru_maxrss in KiB.
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          'process_peak_rss (cumulative over this process)')
+
+
+def _xla_memory_estimate(compiled) -> Optional[int]:
+  """XLA's own footprint of the compiled step (arguments + outputs + temporaries − aliased)."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  (not every backend / wrapper has it)
+    return None
+
+
+def _count(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def build(cfg: BenchConfig):
+  """Builds (config, model, optimizer, mesh, state, step_fn) with the project's code."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import models, network, optim, partitioning, train_state  # pylint: disable=g-import-not-at-top
+
+  overrides = dict(method=cfg.method, num_tasks=cfg.num_tasks, dtype=cfg.dtype,
+                   dropout_rate=cfg.dropout_rate, attention_impl=cfg.attention_impl,
+                   remat_policy=cfg.remat_policy)
+  if cfg.embedding_lookup is not None:
+    overrides['embedding_lookup'] = cfg.embedding_lookup
+  if cfg.prompt_length is not None:
+    overrides['prompt_length'] = cfg.prompt_length
+  config = network.T5Config.from_size(cfg.size, **overrides)
+  model = models.EncoderDecoderModel(config)
+  schedule = optim.make_schedule(name='constant', learning_rate=cfg.learning_rate)
+  mesh = partitioning.make_mesh(1)
+  rules = partitioning.standard_logical_axis_rules()
+  rng = jax.random.PRNGKey(cfg.seed)
+
+  def optimizer_for(params):
+    return optim.make_optimizer(name=cfg.optimizer, schedule=schedule, params=params,
+                                freeze=cfg.freeze)
+  state, shardings = train_state.create_train_state(
+      model, optimizer_for, rng, mesh, rules, cfg.inputs_len, cfg.targets_len)
+  step_fn = train_state.make_train_step(model, optimizer_for, mesh, shardings)
+  return config, model, mesh, state, step_fn
+
+
+def run_one(cfg: BenchConfig) -> Dict[str, Any]:
+  """Builds, compiles and times one configuration; returns its result record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import partitioning, optim  # pylint: disable=g-import-not-at-top
+
+  config, _, mesh, state, step_fn = build(cfg)
+  np_rng = np.random.default_rng(cfg.seed)
+  batches = [partitioning.shard_batch(
+      synthetic_batch(np_rng, cfg.batch, cfg.inputs_len, cfg.targets_len,
+                      config.vocab_size, config.num_tasks), mesh)
+             for _ in range(max(1, cfg.num_batches))]
+  n_total = cfg.warmup + cfg.steps
+  keys = list(jax.random.split(jax.random.PRNGKey(cfg.seed + 1), n_total + 1))
+  jax.block_until_ready((batches, keys))
+
+  num_params = _count(state.params)
+  mask = optim.trainable_mask(state.params, cfg.freeze)
+  num_trainable = int(sum(x.size for x, m in zip(jax.tree_util.tree_leaves(state.params),
+                                                 jax.tree_util.tree_leaves(mask)) if m))
+
+  # Ahead-of-time compile, so that compile time is measured on its own.
+  t0 = time.perf_counter()
+  if hasattr(step_fn, 'lower'):
+    compiled = step_fn.lower(state, batches[0], keys[0]).compile()
+  else:  # a plain function around a jit: the first call compiles (and runs once)
+    compiled = step_fn
+    state, metrics = compiled(state, batches[0], keys[0])
+    jax.block_until_ready(metrics['loss'])
+  compile_s = time.perf_counter() - t0
+  xla_bytes = _xla_memory_estimate(compiled)
+
+  times = []
+  loss = None
+  for i in range(n_total):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batches[i % len(batches)], keys[i + 1])
+    loss = metrics['loss'].block_until_ready()
+    if i >= cfg.warmup:
+      times.append(time.perf_counter() - t0)
+  final_loss = float(loss)
+  peak, peak_source = _peak_memory()
+
+  prompt_length = int(getattr(config, 'prompt_length', 0) or 0)
+  flops = flops_lib.method_train_flops(
+      flops_lib.Dims.from_config(config), cfg.method, batch=cfg.batch,
+      inputs_len=cfg.inputs_len, targets_len=cfg.targets_len, prompt_length=prompt_length,
+      backbone_trained=(cfg.freeze == 'all'),
+      prompt_encoder=bool(getattr(config, 'prompt_encoder', True)),
+      prompt_decoder=bool(getattr(config, 'prompt_decoder', True)))['total']
+  median_s = percentile(times, 50)
+  return {
+      'impl': 'hyperprompt_t5x (jax)', 'size': cfg.size, 'method': cfg.method,
+      'freeze': cfg.freeze, 'optimizer': cfg.optimizer, 'batch': cfg.batch,
+      'inputs_len': cfg.inputs_len, 'targets_len': cfg.targets_len, 'dtype': cfg.dtype,
+      'attention_impl': cfg.attention_impl, 'remat_policy': cfg.remat_policy,
+      'embedding_lookup': getattr(config, 'embedding_lookup', None),
+      'prompt_length': prompt_length, 'dropout_rate': cfg.dropout_rate,
+      'num_params': num_params, 'num_trainable_params': num_trainable,
+      'step_ms_median': 1e3 * median_s, 'step_ms_p10': 1e3 * percentile(times, 10),
+      'step_ms_p90': 1e3 * percentile(times, 90), 'steps': cfg.steps, 'warmup': cfg.warmup,
+      'tokens_per_s': cfg.batch * (cfg.inputs_len + cfg.targets_len) / median_s,
+      'model_flops_per_step': flops, 'model_tflops_per_s': flops / median_s / 1e12,
+      'peak_memory_bytes': peak, 'peak_memory_source': peak_source,
+      'xla_memory_estimate_bytes': xla_bytes,
+      'compile_s': compile_s, 'overhead_vs_none_pct': None, 'final_loss': final_loss,
+      'error': None,
+  }
+
+
+_SAME_RUN_KEYS = ('impl', 'size', 'freeze', 'optimizer', 'batch', 'inputs_len', 'targets_len',
+                  'dtype', 'attention_impl', 'remat_policy')
+
+
+def add_overheads(results: List[Dict[str, Any]]) -> None:
+  """Sets overhead_vs_none_pct = 100·(t / t_none − 1) against 'none' with equal other keys."""
+  base = {tuple(r.get(k) for k in _SAME_RUN_KEYS): r['step_ms_median']
+          for r in results if r.get('method') == 'none' and r.get('error') is None}
+  for r in results:
+    t_none = base.get(tuple(r.get(k) for k in _SAME_RUN_KEYS))
+    if r.get('error') is None and t_none:
+      r['overhead_vs_none_pct'] = 100.0 * (r['step_ms_median'] / t_none - 1.0)
+
+
+def environment() -> Dict[str, Any]:
+  """Machine and versions, for the JSON's 'meta'."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  dev = jax.local_devices()[0]
+  return {
+      'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M'),
+      'backend': jax.default_backend(), 'device_kind': dev.device_kind,
+      'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
+      'platform': platform.platform(), 'python': platform.python_version(),
+      'jax': jax.__version__, 'flax': flax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+
+
+def format_table(results: List[Dict[str, Any]]) -> str:
+  """A fixed-width table of the results (errors shown in place of numbers)."""
+  head = (f"{'impl':<22} {'size':<6} {'method':<13} {'freeze':<12} {'attn':<21} "
+          f"{'remat':<6} {'batch':>5} {'in/tgt':>8} {'ms med':>9} {'p10':>9} {'p90':>9} "
+          f"{'tok/s':>9} {'TFLOP/s':>8} {'peakMiB':>8} {'comp s':>7} {'ovh %':>6}")
+  lines = [head, '-' * len(head)]
+  for r in results:
+    pre = (f"{str(r.get('impl'))[:22]:<22} {r.get('size', ''):<6} {r.get('method', ''):<13} "
+           f"{r.get('freeze', ''):<12} {str(r.get('attention_impl'))[:21]:<21} "
+           f"{str(r.get('remat_policy'))[:6]:<6} {r.get('batch', 0):>5} "
+           f"{str(r.get('inputs_len')) + '/' + str(r.get('targets_len')):>8}")
+    if r.get('error'):
+      lines.append(f"{pre} ERROR: {r['error'][:100]}")
+      continue
+    mem = r.get('peak_memory_bytes')
+    ovh = r.get('overhead_vs_none_pct')
+    comp = r.get('compile_s')
+    lines.append(
+        f"{pre} {r['step_ms_median']:>9.2f} {r['step_ms_p10']:>9.2f} {r['step_ms_p90']:>9.2f} "
+        f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_s']:>8.3f} "
+        f"{(mem / 2**20 if mem else float('nan')):>8.0f} "
+        f"{(comp if comp is not None else float('nan')):>7.1f} "
+        f"{(ovh if ovh is not None else float('nan')):>6.1f}")
+  return '\n'.join(lines)
+
+
+def write_json(path: pathlib.Path, meta: Dict[str, Any], results: List[Dict[str, Any]]) -> None:
+  """Writes {'meta', 'results'} atomically (a partial run still leaves valid JSON)."""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps({'meta': meta, 'results': results}, indent=1, default=str))
+  os.replace(tmp, path)
+
+
+def _csv(kind, choices=None):
+  def parse(text):
+    items = [kind(x) for x in text.split(',') if x]
+    if not items:
+      raise argparse.ArgumentTypeError(f'empty list {text!r}')
+    bad = [x for x in items if choices is not None and x not in choices]
+    if bad:
+      raise argparse.ArgumentTypeError(f'{bad} not among {list(choices)}')
+    return items
+  return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--sizes', type=_csv(str, SIZES), default=['base'])
+  p.add_argument('--methods', type=_csv(str, METHODS), default=['none', 'global'])
+  p.add_argument('--freeze', type=_csv(str, FREEZE), default=['all'],
+                 help="'all': every parameter trained; 'conditioning': only task_conditioning")
+  p.add_argument('--optimizer', choices=OPTIMIZERS, default='adamw')
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--inputs_len', type=int, default=512)
+  p.add_argument('--targets_len', type=int, default=64)
+  p.add_argument('--dtype', default='bfloat16', help='activation dtype; params stay float32')
+  p.add_argument('--attention_impls', type=_csv(str), default=['xla'])
+  p.add_argument('--remat_policies', type=_csv(str), default=['none'])
+  p.add_argument('--embedding_lookup', default=None, help='gather | one_hot (default: config)')
+  p.add_argument('--prompt_length', type=int, default=None)
+  p.add_argument('--num_tasks', type=int, default=8)
+  p.add_argument('--dropout_rate', type=float, default=0.1)
+  p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--time_budget_s', type=float, default=None,
+                 help='skip the configurations not started within this many seconds')
+  p.add_argument('--out', type=pathlib.Path, default=None, help='JSON output file')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+  args = p.parse_args(argv)
+  for name in ('batch', 'inputs_len', 'targets_len', 'steps'):
+    if getattr(args, name) <= 0:
+      p.error(f'--{name} must be positive, got {getattr(args, name)}')
+  if args.warmup < 0:
+    p.error(f'--warmup must be >= 0, got {args.warmup}')
+  if args.out is not None and args.out.exists() and not args.overwrite:
+    p.error(f'--out {args.out} exists; pass --overwrite to replace it')
+  return args
+
+
+def configs_from_args(args: argparse.Namespace) -> List[BenchConfig]:
+  """The cartesian product of the list flags, 'none' first within each group."""
+  methods = sorted(args.methods, key=lambda m: m != 'none')
+  return [BenchConfig(size=size, method=method, freeze=freeze, optimizer=args.optimizer,
+                      batch=args.batch, inputs_len=args.inputs_len,
+                      targets_len=args.targets_len, dtype=args.dtype, attention_impl=attn,
+                      remat_policy=remat, embedding_lookup=args.embedding_lookup,
+                      prompt_length=args.prompt_length, num_tasks=args.num_tasks,
+                      dropout_rate=args.dropout_rate, warmup=args.warmup, steps=args.steps,
+                      seed=args.seed)
+          for size, freeze, attn, remat, method in itertools.product(
+              args.sizes, args.freeze, args.attention_impls, args.remat_policies, methods)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+  args = parse_args(argv)
+  meta = dict(environment(), argv=list(sys.argv[1:] if argv is None else argv),
+              flops_formula='bench/flops.py (frozen weights: no weight-gradient FLOPs)')
+  results: List[Dict[str, Any]] = []
+  start = time.perf_counter()
+  for cfg in configs_from_args(args):
+    if args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s:
+      rec = dict(dataclasses.asdict(cfg), impl='hyperprompt_t5x (jax)',
+                 error=f'skipped: time budget {args.time_budget_s:.0f} s spent')
+    else:
+      try:
+        rec = run_one(cfg)
+      except Exception as e:  # pylint: disable=broad-except
+        # One failing variant (e.g. an attention kernel this backend lacks) must not
+        # lose the others: record it and go on.
+        rec = dict(dataclasses.asdict(cfg), impl='hyperprompt_t5x (jax)',
+                   error=f'{type(e).__name__}: {e}'[:2000])
+    results.append(rec)
+    add_overheads(results)
+    if args.out is not None:
+      write_json(args.out, meta, results)
+    print(format_table(results[-1:]).splitlines()[-1], flush=True)
+  print()
+  print(format_table(results))
+  return results
+
+
+if __name__ == '__main__':
+  # Non-zero exit when a configuration failed (budget skips excepted), after writing all.
+  sys.exit(int(any(r.get('error') and not r['error'].startswith('skipped')
+                   for r in main())))

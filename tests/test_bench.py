@@ -1,0 +1,174 @@
+"""bench/: the FLOP formula by hand, the train-step bench end to end, the HF peer.
+
+Timing numbers come from running the bench scripts, never from these tests;
+here only the counting, the plumbing and the JSON contract are checked.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from bench import flops  # noqa: E402
+from bench import train_step  # noqa: E402  (no jax at import)
+
+REQUIRED_KEYS = ('step_ms_median', 'step_ms_p10', 'step_ms_p90', 'tokens_per_s',
+                 'model_tflops_per_s', 'model_flops_per_step', 'peak_memory_bytes',
+                 'peak_memory_source', 'compile_s', 'overhead_vs_none_pct', 'error')
+
+# D=8, H=2, K=4 (HK=8), F=16, one encoder and one decoder layer, V=32.
+TINY = flops.Dims(emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16, num_encoder_layers=1,
+                  num_decoder_layers=1, vocab_size=32)
+
+
+def test_flops_hand_computed_hyperprompt():
+  # batch 2, inputs 4, targets 3, l = 2 prompt columns in both self-attentions.
+  # Weight matmuls, forward, per example:
+  enc = 4 * 2 * (4 * 8 * 8 + 3 * 8 * 16)  # 4 input tokens × 2·(q,k,v,o + mlp) = 5120
+  dec_tgt = 3 * 2 * (6 * 8 * 8 + 3 * 8 * 16)  # 3 targets × 2·(self qkvo, cross q,o, mlp) = 4608
+  dec_in = 4 * 2 * (2 * 8 * 8)  # cross k,v over the 4 encoder outputs = 1024
+  logits = 3 * 2 * 8 * 32  # = 1536
+  weights = 2 * (enc + dec_tgt + dec_in + logits)  # × batch = 24576
+  # Attention score + value matmuls, forward: 2·2·HK × (enc 4·(4+2) + dec 3·(3+2) + cross 3·4).
+  attention = 2 * (2 * 2 * 8 * (4 * 6 + 3 * 5 + 3 * 4))  # = 3264
+  assert weights == 24576 and attention == 3264
+  got = flops.method_train_flops(TINY, 'global', batch=2, inputs_len=4, targets_len=3,
+                                 prompt_length=2)
+  assert got['weight_matmul_fwd'] == 24576
+  assert got['attention_fwd'] == 3264
+  assert got['total'] == 3 * 24576 + 3 * 3264 == 83520
+  # Frozen backbone: no weight-gradient FLOPs, so weight matmuls count ×2.
+  frozen = flops.method_train_flops(TINY, 'share', batch=2, inputs_len=4, targets_len=3,
+                                    prompt_length=2, backbone_trained=False)
+  assert frozen['total'] == 2 * 24576 + 3 * 3264 == 58944
+  # No conditioning: no prompt columns (enc 4·4, dec 3·3, cross 3·4).
+  none = flops.method_train_flops(TINY, 'none', batch=2, inputs_len=4, targets_len=3,
+                                  prompt_length=2)
+  assert none['attention_fwd'] == 2 * 2 * 2 * 8 * (16 + 9 + 12) == 2368
+  assert none['weight_matmul_fwd'] == 24576
+
+
+def test_flops_prompt_tuning_lengthens_the_encoder():
+  # Prompt tuning prepends l=2 positions: the encoder (and cross k,v) run over 6 positions.
+  enc = 6 * 2 * (4 * 8 * 8 + 3 * 8 * 16)  # 7680
+  dec_tgt = 3 * 2 * (6 * 8 * 8 + 3 * 8 * 16)  # 4608
+  dec_in = 6 * 2 * (2 * 8 * 8)  # 1536
+  logits = 3 * 2 * 8 * 32  # 1536
+  weights = 2 * (enc + dec_tgt + dec_in + logits)  # 30720
+  attention = 2 * (2 * 2 * 8 * (6 * 6 + 3 * 3 + 3 * 6))  # 4032
+  got = flops.method_train_flops(TINY, 'prompt_tuning', batch=2, inputs_len=4, targets_len=3,
+                                 prompt_length=2)
+  assert (got['weight_matmul_fwd'], got['attention_fwd']) == (weights, attention) == (30720, 4032)
+  assert got['total'] == 3 * (30720 + 4032)
+
+
+def test_flops_equal_lengths_is_six_n_tokens():
+  # With L_in = L_tgt = L and no prompts, the weight part is 2·N_matmul·B·L (6·N·tokens).
+  d = flops.Dims(emb_dim=768, num_heads=12, head_dim=64, mlp_dim=2048, num_encoder_layers=12,
+                 num_decoder_layers=12, vocab_size=32128)
+  n_enc = 12 * (4 * 768 * 768 + 3 * 768 * 2048)
+  n_dec = 12 * (8 * 768 * 768 + 3 * 768 * 2048) + 768 * 32128
+  got = flops.train_step_flops(d, batch=4, inputs_len=128, targets_len=128)
+  assert got['weight_matmul_fwd'] == 2 * (n_enc + n_dec) * 4 * 128
+
+
+def test_flops_bad_input_is_named():
+  with pytest.raises(ValueError, match='unknown method'):
+    flops.prompt_lengths('adapter', 4)
+  with pytest.raises(ValueError, match='inputs_len'):
+    flops.train_step_flops(TINY, batch=1, inputs_len=0, targets_len=3)
+  with pytest.raises(ValueError, match='lacks'):
+    flops.Dims.from_config(object())
+
+
+def test_synthetic_batch_is_t5x_shaped():
+  rng = np.random.default_rng(0)
+  b = train_step.synthetic_batch(rng, batch=5, inputs_len=12, targets_len=6, vocab_size=50,
+                                 num_tasks=3)
+  assert b['encoder_input_tokens'].shape == (5, 12)
+  assert b['decoder_target_tokens'].shape == b['decoder_input_tokens'].shape == (5, 6)
+  assert all(v.dtype == np.int32 for k, v in b.items() if k != 'decoder_loss_weights')
+  tgt = b['decoder_target_tokens']
+  np.testing.assert_array_equal(b['decoder_input_tokens'][:, 1:], tgt[:, :-1])
+  np.testing.assert_array_equal(b['decoder_loss_weights'], (tgt > 0).astype(np.float32))
+  assert ((b['task_ids'] >= 0) & (b['task_ids'] < 3)).all()
+  for row in b['encoder_input_tokens']:
+    n = int((row > 0).sum())
+    assert n >= 6 and row[n - 1] == 1 and (row[:n] > 0).all() and (row[n:] == 0).all()
+
+
+def test_percentile_and_overheads():
+  assert train_step.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+  assert train_step.percentile([1.0, 2.0, 3.0], 10) == pytest.approx(1.2)
+  rows = [dict(impl='j', size='s', freeze='all', optimizer='adamw', batch=2, inputs_len=4,
+               targets_len=2, dtype='bf16', attention_impl='xla', remat_policy='none',
+               method=m, step_ms_median=t, error=None, overhead_vs_none_pct=None)
+          for m, t in (('global', 11.0), ('none', 10.0))]
+  rows.append(dict(rows[0], size='other', method='global'))  # no 'none' to compare with
+  train_step.add_overheads(rows)
+  assert rows[0]['overhead_vs_none_pct'] == pytest.approx(10.0)
+  assert rows[1]['overhead_vs_none_pct'] == 0.0
+  assert rows[2]['overhead_vs_none_pct'] is None
+
+
+def test_existing_out_is_not_overwritten(tmp_path):
+  out = tmp_path / 'bench.json'
+  out.write_text('keep')
+  with pytest.raises(SystemExit):
+    train_step.parse_args(['--out', str(out)])
+  assert out.read_text() == 'keep'
+  with pytest.raises(SystemExit):
+    train_step.parse_args(['--methods', 'none,adapter'])
+
+
+_BLOCKED_RUN = textwrap.dedent('''
+    import importlib.abc, json, sys
+    BLOCKED = ('gin', 'seqio', 'tensorflow', 'tensorflow_datasets', 'clu')
+    class Block(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+          raise ImportError(f'bench must not import {name}')
+    sys.meta_path.insert(0, Block())
+    sys.path.insert(0, sys.argv[1])
+    from bench import train_step
+    train_step.main(sys.argv[2:])
+    print('LOADED', json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)))
+''')
+
+
+def test_bench_runs_tiny_end_to_end_without_gin_seqio_tf(tmp_path):
+  out = tmp_path / 'bench.json'
+  args = ['--sizes=tiny', '--methods=none,global', '--batch=2', '--inputs_len=16',
+          '--targets_len=8', '--warmup=2', '--steps=3', f'--out={out}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.run([sys.executable, '-c', _BLOCKED_RUN, str(REPO)] + args,
+                        capture_output=True, text=True, env=env, timeout=240, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'LOADED []' in proc.stdout
+  data = json.loads(out.read_text())
+  assert data['meta']['backend'] == 'cpu'
+  results = data['results']
+  assert [r['method'] for r in results] == ['none', 'global']
+  for r in results:
+    assert r['error'] is None, r['error']
+    assert all(k in r for k in REQUIRED_KEYS)
+    assert r['steps'] == 3 and r['warmup'] == 2
+    assert 0 < r['step_ms_p10'] <= r['step_ms_median'] <= r['step_ms_p90']
+    assert r['tokens_per_s'] == pytest.approx(2 * 24 / (r['step_ms_median'] / 1e3))
+    assert r['peak_memory_bytes'] > 0 and r['compile_s'] > 0
+    assert np.isfinite(r['final_loss'])
+  none, glob = results
+  assert none['overhead_vs_none_pct'] == 0.0
+  assert glob['overhead_vs_none_pct'] == pytest.approx(
+      100 * (glob['step_ms_median'] / none['step_ms_median'] - 1))
+  # HyperPrompt adds parameters and prompt columns; the FLOPs say so.
+  assert glob['num_params'] > none['num_params']
+  assert glob['model_flops_per_step'] > none['model_flops_per_step']
