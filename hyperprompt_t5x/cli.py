@@ -1,0 +1,143 @@
+"""`hyperprompt-t5x` (alias `t5x`): train | eval | infer | params, configured like T5X.
+
+  t5x train --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
+  t5x train --gin_file=hyperprompt_base.gin --gin.MODEL_DIR=gs://... \\
+      --gin.INITIAL_CHECKPOINT_PATH=gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000
+  t5x eval  --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
+  t5x infer --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
+  t5x params --gin_file=hyperprompt_base.gin [--json]
+
+Flags as T5X's: `--gin_file` (repeatable; as given, else under `--gin_search_paths`,
+else in the installed gin folder), `--gin.NAME=value` (a macro, or with a dot a
+parameter binding; values that are not Python literals are taken as strings),
+`--gin_bindings` (raw gin lines). `--platform cpu|gpu|tpu` picks the JAX backend
+before any backend starts; if it cannot start, the run falls back to CPU with a
+warning. Configuration errors exit with status 2 and one line on stderr
+(HYPERPROMPT_TRACEBACK=1 shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ('train', 'eval', 'infer', 'params')
+_CONFIGURABLE = {'train': 'train', 'eval': 'evaluate', 'infer': 'infer'}
+_JAX_PLATFORM = {'cpu': 'cpu', 'gpu': 'cuda', 'tpu': 'tpu'}
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='hyperprompt-t5x', description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('command', choices=COMMANDS)
+  parser.add_argument('--gin_file', action='append', default=[],
+                      help='gin file (repeatable); looked up as given, in '
+                      '--gin_search_paths, then in the installed gin/ folder')
+  parser.add_argument('--gin_bindings', action='append', default=[],
+                      help='a gin binding, e.g. "train.log_period = 10" (repeatable)')
+  parser.add_argument('--gin_search_paths', action='append', default=[],
+                      help='extra folders for gin files and includes (repeatable or comma-separated)')
+  parser.add_argument('--platform', choices=sorted(_JAX_PLATFORM),
+                      help='JAX backend (default: JAX picks; CPU when nothing else is there)')
+  parser.add_argument('--json', action='store_true', help='params: print one JSON object')
+  return parser
+
+
+def split_gin_overrides(argv: Sequence[str]) -> tuple[list, list]:
+  """Pulls `--gin.NAME=value` (or `--gin.NAME value`) out of argv."""
+  rest, macros = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--gin.'):
+      body = arg[len('--gin.'):]
+      if '=' in body:
+        name, value = body.split('=', 1)
+      elif i + 1 < len(argv):
+        name, value = body, argv[i + 1]
+        i += 1
+      else:
+        raise SystemExit(f'error: {arg} needs a value (--gin.NAME=value)')
+      macros.append((name, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, macros
+
+
+def select_platform(platform: Optional[str]) -> None:
+  """Sets jax_platforms before any backend starts; falls back to CPU with a warning."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
+  if platform:
+    jax.config.update('jax_platforms', _JAX_PLATFORM[platform])
+  partitioning.maybe_initialize_distributed()
+  if not platform or platform == 'cpu':
+    return
+  try:
+    jax.devices()
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'warning: --platform {platform} is not available ({str(e).splitlines()[0]}); '
+          'falling back to CPU', file=sys.stderr)
+    jax.config.update('jax_platforms', 'cpu')
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if hasattr(xla_bridge, '_clear_backends'):
+      xla_bridge._clear_backends()  # pylint: disable=protected-access
+    jax.devices()
+
+
+def params_table(counts: dict) -> str:
+  width = max(len(k) for k in counts)
+  lines = []
+  for key, value in counts.items():
+    if isinstance(value, float):
+      value = f'{value:.6g}'
+    elif isinstance(value, int) and not isinstance(value, bool):
+      value = f'{value:,}'
+    lines.append(f'{key:<{width}}  {value}')
+  return '\n'.join(lines)
+
+
+def run(argv: Sequence[str]) -> int:
+  rest, macros = split_gin_overrides(list(argv))
+  args = _parser().parse_args(rest)
+  search = [p for entry in args.gin_search_paths for p in entry.split(',') if p]
+  from hyperprompt_t5x import gin_config  # pylint: disable=g-import-not-at-top
+  gin_config.parse(args.gin_file, macros=macros, bindings=args.gin_bindings,
+                   gin_search_paths=search)
+  if args.command == 'params':
+    from hyperprompt_t5x import param_count  # pylint: disable=g-import-not-at-top
+    counts = param_count.count_params(gin_config.model_config())
+    print(json.dumps(counts, sort_keys=True) if args.json else params_table(counts))
+    return 0
+  command = _CONFIGURABLE[args.command]
+  gin_config.check_required(command)
+  select_platform(args.platform)
+  kwargs = {}
+  if command == 'train':
+    kwargs['config_str'] = gin_config.operative_config_str()
+  gin_config.call(command, **kwargs)
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Console entry point; configuration errors -> one line on stderr, exit 2."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  argv = sys.argv[1:] if argv is None else argv
+  from hyperprompt_t5x import trainer  # pylint: disable=g-import-not-at-top
+  known = (ValueError, FileNotFoundError, FileExistsError, trainer.TrainingDivergedError)
+  try:
+    return run(argv)
+  except known as e:
+    if os.environ.get('HYPERPROMPT_TRACEBACK'):
+      raise
+    kind = 'training diverged' if isinstance(e, trainer.TrainingDivergedError) else 'error'
+    print(f'{kind}: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,90 @@
+"""Training observability: the progress line, MODEL_DIR/metrics.jsonl, TensorBoard.
+
+Only the chief process (jax.process_index() == 0) writes files. TensorBoard goes
+through `clu.metric_writers`, imported lazily; where clu/TensorFlow is missing the
+JSONL file and the progress line still work (with one warning).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+
+def _scalar(value: Any) -> Any:
+  """numpy/jax scalars -> plain Python numbers for JSON."""
+  try:
+    return value.item()
+  except AttributeError:
+    return value
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return '?'
+  return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+class MetricsLogger:
+  """Writes one JSON object per logged step and the same scalars to TensorBoard."""
+
+  def __init__(self, model_dir: str, *, tensorboard: bool = True, is_chief: bool = True,
+               stream=None):
+    self.model_dir = model_dir
+    self.is_chief = is_chief
+    self.stream = stream or sys.stdout
+    self._writer = None
+    if is_chief and tensorboard:
+      try:
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top
+        self._writer = metric_writers.SummaryWriter(os.path.join(model_dir, 'train'))
+      except ImportError as e:
+        print(f'warning: TensorBoard logging off ({e}); metrics.jsonl still written',
+              file=sys.stderr)
+
+  def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = '') -> None:
+    """Appends `{'step': step, **metrics}` to metrics.jsonl and writes TB scalars."""
+    if not self.is_chief:
+      return
+    record = {'step': int(step)}
+    record.update({f'{prefix}{k}': _scalar(v) for k, v in metrics.items()})
+    with open(os.path.join(self.model_dir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._writer is not None:
+      scalars = {k: v for k, v in record.items()
+                 if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool)}
+      self._writer.write_scalars(int(step), scalars)
+      self._writer.flush()
+
+  def progress(self, step: int, total: int, loss: float, lr: float, steps_per_sec: float,
+               tokens_per_sec: float) -> None:
+    """One line: step, loss, learning rate, steps/s, tokens/s, ETA."""
+    if not self.is_chief:
+      return
+    eta = (total - step) / steps_per_sec if steps_per_sec > 0 else float('inf')
+    print(f'step {step}/{total}  loss {loss:.4f}  lr {lr:.3g}  '
+          f'{steps_per_sec:.2f} steps/s  {tokens_per_sec:,.0f} tokens/s  '
+          f'ETA {format_eta(eta)}', file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Throughput:
+  """Steps/s and tokens/s over the window since the last call."""
+
+  def __init__(self, step: int):
+    self._step = step
+    self._time = time.perf_counter()
+
+  def rates(self, step: int, tokens_per_step: int) -> tuple[float, float]:
+    now = time.perf_counter()
+    dt = max(now - self._time, 1e-9)
+    steps = step - self._step
+    self._step, self._time = step, now
+    return steps / dt, steps * tokens_per_step / dt
