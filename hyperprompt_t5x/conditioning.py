@@ -1,0 +1,311 @@
+"""Task conditioning: HyperPrompt Share/Sep/Global, multi-task prompt tuning, HyperFormer++.
+
+One module, `TaskConditioning`, named `task_conditioning` in the parameter
+tree, holds every conditioning parameter. It runs once per forward pass: it
+generates the prompts (or adapter weights) for all T tasks and M blocks, then
+gathers them by the batch's task ids. Nothing here depends on the examples.
+
+Conditioned blocks (`prompt_blocks`), in this order: encoder self-attention
+layers (`prompt_encoder`), decoder self-attention layers (`prompt_decoder`),
+decoder cross-attention layers (`prompt_cross_attention`); M is their count.
+
+HyperPrompt (He et al. 2022), with d = emb_dim, d_kv = heads*head_dim,
+l = prompt_length, b = bottleneck, t' = task_embed_dim, t = layer_task_dim:
+
+* `prompts` [T, l, d]: the global prompt P_τ of each task.
+* Share: `{key,value}_down` [M, d, b], `{key,value}_up` [M, b, d_kv];
+  P_k(τ, m) = relu(P_τ D_k^m) U_k^m  (row-vector form of U·relu(D·P)).
+* Sep: the same with a leading task axis, [T, M, d, b] and [T, M, b, d_kv].
+* Global: `task_embedding` [T, t'], `layer_embedding` [M, t'], h = two-layer
+  ReLU MLP 2t' -> t -> t (`layer_task_hidden`, `layer_task_out`), and linear
+  hypernetworks `hyper_{key,value}_{down,up}` t -> d·b and t -> b·d_kv that
+  generate D and U from I_τ^m = h([k_τ; z_m]).
+* `hyper_bias` adds biases to h, D, U (Share/Sep: learned; Global: the
+  hypernetworks get a bias and also generate the b + d_kv biases of D and U).
+
+Initialisation (so that prompt key/value norms at step 0 are comparable to
+the real ones, whose elements are ~N(0, 1) on a random-init T5): P_τ and all
+embeddings ~N(0, 1); D, U fan-in scaled (var 1/d, 1/b); h's second layer
+He-scaled so I has unit variance; the Global hypernetworks are scaled so the
+*generated* D, U have variance 1/d and 1/b. Prompt elements then have
+variance ~0.5 (ratio of norms ~0.7); tests check the ratio stays in 0.1x-10x.
+Generated weights are used as is: no normalisation at call time.
+
+Multi-task prompt tuning: `prompts` [T, l, d] prepended to the encoder input
+embeddings (normal(1) init, the token-embedding init scale).
+
+HyperFormer++ (Karimi Mahabadi et al. 2021): one adapter after the
+self-attention and one after the MLP of every encoder and decoder layer,
+y + U(gelu(D(LN_τ(y)))), where LN_τ is a layer norm (mean and variance)
+with generated gain 1 + γ and bias β. A shared hypernetwork maps
+[task emb; layer-id emb; position emb] (each t') through a two-layer ReLU
+projector 3t' -> t -> t and linear generators (always with biases, as the
+original) to D [d, a] + bias [a], U [a, d] + bias [d], γ [d], β [d]
+(a = adapter_dim). U, γ and β generators start small (std 1e-2 scale) so the
+adapters start close to the identity.
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperprompt_t5x import layers
+
+Array = jax.Array
+HYPERPROMPT_METHODS = ('share', 'sep', 'global')
+ADAPTER_POSITIONS = ('self_attention', 'mlp')  # HyperFormer++ adapter positions per layer.
+
+
+def prompt_blocks(config) -> List[Tuple[str, int]]:
+  """The conditioned attention blocks in prompt order: [(kind, layer)]."""
+  blocks = []
+  if config.method not in HYPERPROMPT_METHODS:
+    return blocks
+  if config.prompt_encoder:
+    blocks += [('encoder', i) for i in range(config.num_encoder_layers)]
+  if config.prompt_decoder:
+    blocks += [('decoder', i) for i in range(config.num_decoder_layers)]
+  if config.prompt_cross_attention:
+    blocks += [('cross', i) for i in range(config.num_decoder_layers)]
+  return blocks
+
+
+def num_prompt_blocks(config) -> int:
+  """M, the number of prompted attention blocks."""
+  return len(prompt_blocks(config))
+
+
+def _stacked_fan_in(scale: float, n_batch_axes: int, distribution: str = 'truncated_normal'):
+  """Fan-in init for kernels [*stack, in, out] (stack axes are not fan axes)."""
+  return nn.initializers.variance_scaling(
+      scale, 'fan_in', distribution, batch_axis=tuple(range(n_batch_axes)))
+
+
+def _normal(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+  """x W (+ b) with kernel [in, out] ('kernel', 'bias'); float32 (tiny, host of weights)."""
+  features: int
+  use_bias: bool
+  kernel_axes: Tuple[str, str]
+  kernel_init: Any = layers.default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = layers.param_with_axes('kernel', self.kernel_init, (x.shape[-1], self.features),
+                                    jnp.float32, axes=self.kernel_axes)
+    # [..., in] -> [..., out]
+    y = jnp.dot(x, kernel)
+    if self.use_bias:
+      bias = layers.param_with_axes('bias', nn.initializers.zeros, (self.features,),
+                                    jnp.float32, axes=self.kernel_axes[1:])
+      y = y + bias
+    return y
+
+
+def gather_tasks(x: Array, task_ids: Array, axis: int) -> Array:
+  """Selects the rows of `x` along its task `axis` for each example: T -> batch."""
+  return jnp.take(x, task_ids, axis=axis, mode='fill', fill_value=jnp.nan)
+
+
+class TaskConditioning(nn.Module):
+  """All conditioning parameters and their per-forward generation.
+
+  `__call__(task_ids)` returns a dict (keys present only where used):
+    'encoder', 'decoder', 'cross': (prompt_key, prompt_value), each
+        [layers, batch, l, heads, head_dim] (HyperPrompt methods);
+    'encoder_prefix': [batch, l, emb] (prompt tuning);
+    'adapters': dict of per-task generated adapter weights, each
+        [enc+dec layers, 2 positions, T, ...], gathered inside the layers
+        (HyperFormer++; per-example weights for all layers at once would be
+        batch·layers·d·a floats).
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, task_ids: Array) -> Dict[str, Any]:
+    cfg = self.config
+    if cfg.method in HYPERPROMPT_METHODS:
+      return self._hyperprompts(task_ids)
+    if cfg.method == 'prompt_tuning':
+      prompts = self._task_prompts()
+      # [T, l, d] -> [batch, l, d]
+      return {'encoder_prefix': gather_tasks(prompts, task_ids, axis=0)}
+    if cfg.method == 'hyperformer':
+      return {'adapters': self._hyperformer()}
+    return {}
+
+  def _task_prompts(self) -> Array:
+    cfg = self.config
+    return layers.param_with_axes(
+        'prompts', _normal(1.0), (cfg.num_tasks, cfg.prompt_length, cfg.emb_dim),
+        jnp.float32, axes=('tasks', 'prompt_len', 'embed'))
+
+  def _bias(self, name: str, shape: Tuple[int, ...], axes: Tuple[str, ...]) -> Array:
+    return layers.param_with_axes(name, nn.initializers.zeros, shape, jnp.float32, axes=axes)
+
+  def _hyperprompts(self, task_ids: Array) -> Dict[str, Any]:
+    cfg = self.config
+    num_t, d, b = cfg.num_tasks, cfg.emb_dim, cfg.bottleneck
+    d_kv = cfg.num_heads * cfg.head_dim
+    blocks = prompt_blocks(cfg)
+    num_m = len(blocks)
+    prompts = self._task_prompts()  # [T, l, d]
+    if cfg.method == 'global':
+      layer_task = self._layer_task_embeddings(num_m)  # [M, T, t], shared by H_k and H_v
+
+    out = {}
+    for name in ('key', 'value'):
+      if cfg.method == 'share':
+        down = layers.param_with_axes(
+            f'{name}_down', _stacked_fan_in(1.0, 1), (num_m, d, b), jnp.float32,
+            axes=('hyper_blocks', 'embed', 'hyper_bottleneck'))
+        up = layers.param_with_axes(
+            f'{name}_up', _stacked_fan_in(1.0, 1), (num_m, b, d_kv), jnp.float32,
+            axes=('hyper_blocks', 'hyper_bottleneck', 'joined_kv'))
+        # Shared by tasks: [M, ...] -> [M, 1, ...] (broadcast in the einsums)
+        down, up = down[:, None], up[:, None]
+        if cfg.hyper_bias:
+          down_b = self._bias(f'{name}_down_bias', (num_m, b), ('hyper_blocks', 'hyper_bottleneck'))
+          up_b = self._bias(f'{name}_up_bias', (num_m, d_kv), ('hyper_blocks', 'joined_kv'))
+          down_b, up_b = down_b[:, None], up_b[:, None]
+      elif cfg.method == 'sep':
+        down = layers.param_with_axes(
+            f'{name}_down', _stacked_fan_in(1.0, 2), (num_t, num_m, d, b), jnp.float32,
+            axes=('tasks', 'hyper_blocks', 'embed', 'hyper_bottleneck'))
+        up = layers.param_with_axes(
+            f'{name}_up', _stacked_fan_in(1.0, 2), (num_t, num_m, b, d_kv), jnp.float32,
+            axes=('tasks', 'hyper_blocks', 'hyper_bottleneck', 'joined_kv'))
+        # [T, M, ...] -> [M, T, ...]
+        down, up = jnp.swapaxes(down, 0, 1), jnp.swapaxes(up, 0, 1)
+        if cfg.hyper_bias:
+          down_b = jnp.swapaxes(self._bias(
+              f'{name}_down_bias', (num_t, num_m, b),
+              ('tasks', 'hyper_blocks', 'hyper_bottleneck')), 0, 1)
+          up_b = jnp.swapaxes(self._bias(
+              f'{name}_up_bias', (num_t, num_m, d_kv),
+              ('tasks', 'hyper_blocks', 'joined_kv')), 0, 1)
+      else:  # global
+        t = cfg.layer_task_dim
+        extra_down = b if cfg.hyper_bias else 0
+        extra_up = d_kv if cfg.hyper_bias else 0
+        # Scaled so generated D ~ var 1/d and U ~ var 1/b (I has unit variance).
+        gen_down = Linear(d * b + extra_down, cfg.hyper_bias, ('layer_task', 'hyper_generated'),
+                          _normal(1.0 / np.sqrt(t * d)), name=f'hyper_{name}_down')(layer_task)
+        gen_up = Linear(b * d_kv + extra_up, cfg.hyper_bias, ('layer_task', 'hyper_generated'),
+                        _normal(1.0 / np.sqrt(t * b)), name=f'hyper_{name}_up')(layer_task)
+        # [M, T, d*b (+b)] -> [M, T, d, b] (+ [M, T, b])
+        down = gen_down[..., :d * b].reshape(num_m, num_t, d, b)
+        up = gen_up[..., :b * d_kv].reshape(num_m, num_t, b, d_kv)
+        if cfg.hyper_bias:
+          down_b, up_b = gen_down[..., d * b:], gen_up[..., b * d_kv:]
+      # [T, l, d] x [M, T|1, d, b] -> [M, T, l, b]
+      if down.shape[1] == 1:
+        hidden = jnp.einsum('tld,mdb->mtlb', prompts, down[:, 0])
+      else:
+        hidden = jnp.einsum('tld,mtdb->mtlb', prompts, down)
+      if cfg.hyper_bias:
+        hidden = hidden + down_b[:, :, None, :]
+      hidden = jax.nn.relu(hidden)
+      # [M, T, l, b] x [M, T|1, b, d_kv] -> [M, T, l, d_kv]
+      if up.shape[1] == 1:
+        generated = jnp.einsum('mtlb,mbk->mtlk', hidden, up[:, 0])
+      else:
+        generated = jnp.einsum('mtlb,mtbk->mtlk', hidden, up)
+      if cfg.hyper_bias:
+        generated = generated + up_b[:, :, None, :]
+      # [M, T, l, d_kv] -> [M, batch, l, heads, head_dim]
+      generated = gather_tasks(generated, task_ids, axis=1)
+      generated = generated.reshape(generated.shape[:3] + (cfg.num_heads, cfg.head_dim))
+      out[name] = generated
+
+    result, start = {}, 0
+    for kind in ('encoder', 'decoder', 'cross'):
+      count = sum(1 for k, _ in blocks if k == kind)
+      if count:
+        result[kind] = (out['key'][start:start + count], out['value'][start:start + count])
+      start += count
+    return result
+
+  def _layer_task_embeddings(self, num_m: int) -> Array:
+    """I_τ^m = h([k_τ; z_m]) for all blocks and tasks: [M, T, t]."""
+    cfg = self.config
+    num_t, te = cfg.num_tasks, cfg.task_embed_dim
+    task_emb = layers.param_with_axes('task_embedding', _normal(1.0), (num_t, te),
+                                      jnp.float32, axes=('tasks', 'task_embed'))
+    layer_emb = layers.param_with_axes('layer_embedding', _normal(1.0), (num_m, te),
+                                       jnp.float32, axes=('hyper_blocks', 'task_embed'))
+    # [M, T, 2t']
+    joined = jnp.concatenate([
+        jnp.broadcast_to(task_emb[None], (num_m, num_t, te)),
+        jnp.broadcast_to(layer_emb[:, None], (num_m, num_t, te))], axis=-1)
+    return self._projector(joined, cfg.hyper_bias)
+
+  def _projector(self, joined: Array, use_bias: bool) -> Array:
+    """Two-layer ReLU MLP [..., n·t'] -> [..., t] with unit-variance output at init."""
+    t = self.config.layer_task_dim
+    hidden = jax.nn.relu(Linear(t, use_bias, ('task_embed', 'layer_task'),
+                                name='layer_task_hidden')(joined))
+    return Linear(t, use_bias, ('layer_task', 'layer_task'),
+                  nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal'),
+                  name='layer_task_out')(hidden)
+
+  def _hyperformer(self) -> Dict[str, Array]:
+    """Adapter weights for every (layer, position, task): leading [L, 2, T]."""
+    cfg = self.config
+    num_t, te, t = cfg.num_tasks, cfg.task_embed_dim, cfg.layer_task_dim
+    d, a = cfg.emb_dim, cfg.adapter_dim
+    num_l, num_p = cfg.num_encoder_layers + cfg.num_decoder_layers, len(ADAPTER_POSITIONS)
+    task_emb = layers.param_with_axes('task_embedding', _normal(1.0), (num_t, te),
+                                      jnp.float32, axes=('tasks', 'task_embed'))
+    layer_emb = layers.param_with_axes('layer_embedding', _normal(1.0), (num_l, te),
+                                       jnp.float32, axes=('hyper_layers', 'task_embed'))
+    pos_emb = layers.param_with_axes('position_embedding', _normal(1.0), (num_p, te),
+                                     jnp.float32, axes=('hyper_positions', 'task_embed'))
+    shape = (num_l, num_p, num_t, te)
+    # [L, P, T, 3t']
+    joined = jnp.concatenate([
+        jnp.broadcast_to(layer_emb[:, None, None], shape),
+        jnp.broadcast_to(pos_emb[None, :, None], shape),
+        jnp.broadcast_to(task_emb[None, None], shape)], axis=-1)
+    emb = self._projector(joined, True)  # [L, P, T, t]
+    axes = ('layer_task', 'hyper_generated')
+    gen_down = Linear(d * a + a, True, axes, _normal(1.0 / np.sqrt(t * d)),
+                      name='adapter_down')(emb)
+    gen_up = Linear(a * d + d, True, axes, _normal(1e-2 / np.sqrt(t * a)),
+                    name='adapter_up')(emb)
+    gen_norm = Linear(2 * d, True, axes, _normal(1e-2 / np.sqrt(t)),
+                      name='adapter_norm')(emb)
+    lead = (num_l, num_p, num_t)
+    return {
+        'down': gen_down[..., :d * a].reshape(lead + (d, a)),
+        'down_bias': gen_down[..., d * a:],
+        'up': gen_up[..., :a * d].reshape(lead + (a, d)),
+        'up_bias': gen_up[..., a * d:],
+        'scale': 1.0 + gen_norm[..., :d],
+        'shift': gen_norm[..., d:],
+    }
+
+
+def apply_adapter(y: Array, adapter: Dict[str, Array], task_ids: Array, dtype) -> Array:
+  """HyperFormer++ adapter y + U(gelu(D(LN_τ(y)))) with per-task weights [T, ...]."""
+  # Per-example weights: [T, ...] -> [batch, ...]
+  w = {k: gather_tasks(v, task_ids, axis=0) for k, v in adapter.items()}
+  x = jnp.asarray(y, jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  x = (x - mean) * jax.lax.rsqrt(var + 1e-6)
+  # [batch, len, d] * [batch, 1, d]
+  x = x * w['scale'][:, None] + w['shift'][:, None]
+  x = jnp.asarray(x, dtype)
+  # [batch, len, d] x [batch, d, a] -> [batch, len, a]
+  h = jnp.einsum('bld,bda->bla', x, jnp.asarray(w['down'], dtype))
+  h = jax.nn.gelu(h + jnp.asarray(w['down_bias'][:, None], dtype), approximate=True)
+  # [batch, len, a] x [batch, a, d] -> [batch, len, d]
+  out = jnp.einsum('bla,bad->bld', h, jnp.asarray(w['up'], dtype))
+  out = out + jnp.asarray(w['up_bias'][:, None], dtype)
+  return y + out
