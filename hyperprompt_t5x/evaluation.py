@@ -18,7 +18,6 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 BEST_FILE = 'best.json'
@@ -37,20 +36,36 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 class Decoder:
-  """Greedy decoding of fixed-size batches, jitted once per shape."""
+  """Greedy cached decoding of fixed-size batches on the run's mesh (jitted once)."""
 
-  def __init__(self, model, batch_size: int, max_decode_length: int):
+  def __init__(self, run, batch_size: int, max_decode_length: int):
+    from hyperprompt_t5x import train_state  # pylint: disable=g-import-not-at-top
+    if batch_size % jax.process_count():
+      raise ValueError(f'EVAL_BATCH_SIZE {batch_size} is not divisible by the '
+                       f'{jax.process_count()} processes')
     self.batch_size = batch_size
-    self._fn = jax.jit(lambda params, enc, task_ids: model.predict_batch(
-        params, {'encoder_input_tokens': enc, 'task_ids': task_ids},
-        max_decode_length=max_decode_length))
+    self.mesh = run.mesh
+    self._fn = train_state.make_predict_fn(run.model, run.mesh, run.shardings,
+                                           max_decode_length=max_decode_length,
+                                           rules=run.rules)
 
   def __call__(self, params, encoder_input_tokens: np.ndarray,
                task_ids: np.ndarray) -> np.ndarray:
     """[n, inputs_len] tokens (n <= batch_size) -> [n, max_decode_length] tokens."""
+    from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
     n = encoder_input_tokens.shape[0]
-    out = self._fn(params, jnp.asarray(_pad_rows(encoder_input_tokens, self.batch_size)),
-                   jnp.asarray(_pad_rows(np.asarray(task_ids, np.int32), self.batch_size)))
+    batch = {'encoder_input_tokens': _pad_rows(np.asarray(encoder_input_tokens, np.int32),
+                                               self.batch_size),
+             'task_ids': _pad_rows(np.asarray(task_ids, np.int32), self.batch_size)}
+    processes = jax.process_count()
+    if processes > 1:  # each process feeds its slice of the (identical) eval batch
+      rows = self.batch_size // processes
+      start = jax.process_index() * rows
+      batch = {k: v[start:start + rows] for k, v in batch.items()}
+    out = self._fn(params, partitioning.shard_batch(batch, self.mesh))
+    if processes > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      out = multihost_utils.process_allgather(out, tiled=True)
     return np.asarray(jax.device_get(out))[:n]
 
 
@@ -130,7 +145,7 @@ class Evaluator:
     self.model_dir = model_dir or run.store.model_dir
     self.split = split
     self.sets = eval_sets(mixture_or_task_name, split, lengths, batch_size, max_examples)
-    self.decoder = Decoder(run.model, batch_size, lengths['targets'])
+    self.decoder = Decoder(run, batch_size, lengths['targets'])
     self.last = None
     self.best = self._read_best()
 

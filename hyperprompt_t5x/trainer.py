@@ -340,7 +340,10 @@ def train(*,
   save_config_files(model_dir, model_config, config_str, start)
   logger = metrics_logging.MetricsLogger(model_dir, tensorboard=tensorboard,
                                          is_chief=_is_chief())
-  step_fn = train_state.make_train_step(run.model, run.optimizer, run.mesh, run.shardings)
+  step_fn = train_state.make_train_step(run.model, run.optimizer, run.mesh, run.shardings,
+                                        freeze=settings.freeze, rules=run.rules,
+                                        schedule=run.schedule)
+  rng = jax.random.PRNGKey(seed)  # dropout key: fold_in(rng, step) inside the step
   state = run.state
   tokens_per_step = batch_size * (lengths['inputs'] + lengths['targets'])
   throughput = metrics_logging.Throughput(start)
@@ -367,7 +370,7 @@ def train(*,
     steps_per_sec, tokens_per_sec = throughput.rates(step, tokens_per_step)
     window = {k: float(np.mean([np.asarray(m[k]) for m in fetched]))
               for k in fetched[-1] if np.ndim(fetched[-1][k]) == 0}
-    lr = float(run.schedule(step))
+    lr = window.get('learning_rate', float(run.schedule(step - 1)))
     record = dict(window, learning_rate=lr, steps_per_sec=steps_per_sec,
                   tokens_per_sec=tokens_per_sec)
     logger.write(step, record)
@@ -379,7 +382,7 @@ def train(*,
     for step in range(start, train_steps):
       batch = next(batches)
       network.check_task_ids(batch['task_ids'], model_config.num_tasks)
-      state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh))
+      state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
       pending.append((step, metrics))
       done = step + 1
       if seconds_to_first_step is None:
