@@ -96,7 +96,7 @@ EVAL_TASKS: Mapping[str, Sequence[str]] = {
 
 def task_source(task: GlueTask) -> sources.OfflineOrTfdsSource:
   return sources.OfflineOrTfdsSource(
-      benchmark='glue', tfds_name=f'glue/{task.tfds_config}', splits=task.files.files,
+      benchmark='glue', tfds_name=f'glue/{task.tfds_config}:2.0.0', splits=task.files.files,
       read=sources.glue_reader(task.files))
 
 

@@ -342,8 +342,7 @@ class OfflineOrTfdsSource(seqio.DataSource):
     if split not in self._files:
       raise ValueError(f'{self._tfds_name}: unknown split {split!r}; have {list(self._files)}')
     if self.file_path(split) is None:
-      source = seqio.TfdsDataSource(self._tfds_name, splits=self._tfds_splits,
-                                    try_in_mem_cache=False)
+      source = seqio.TfdsDataSource(self._tfds_name, splits=self._tfds_splits)
       return source.get_dataset(split=split, shuffle=shuffle, seed=seed,
                                 shard_info=shard_info)
     cols = self.columns(split)

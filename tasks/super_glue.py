@@ -51,7 +51,7 @@ _SPLIT_FILES = {'train': 'train.jsonl', 'validation': 'val.jsonl', 'test': 'test
 
 def task_source(task: SuperGlueTask) -> sources.OfflineOrTfdsSource:
   return sources.OfflineOrTfdsSource(
-      benchmark='super_glue', tfds_name=f'super_glue/{task.tfds_config}',
+      benchmark='super_glue', tfds_name=f'super_glue/{task.tfds_config}:1.0.2',
       splits={s: f'{task.folder}/{f}' for s, f in _SPLIT_FILES.items()},
       read=sources.super_glue_reader(task.name))
 
