@@ -4,8 +4,8 @@ Parameters carry flax logical axis names (`embed`, `mlp`, `heads`, ...). The
 rules below map them to mesh axes the way T5X's
 `standard_logical_axis_rules()` does: batch on `data`, the wide model
 dimensions (vocab, mlp, heads, joined_kv) on `model`, the rest replicated.
-The new task-conditioning axes (`tasks`, `prompt_len`, `layers`, `hyper_*`)
-are small and replicated.
+The new task-conditioning axes (`tasks`, `prompt_len`, `task_embed`,
+`layer_task`, `hyper_*`) are small and replicated.
 
 Multi-host: call `maybe_initialize_distributed()` before any JAX backend
 starts; every process then feeds its own slice of the global batch to
@@ -28,9 +28,8 @@ LogicalRules = Sequence[tuple[str, Optional[str | tuple[str, ...]]]]
 # Logical names used by task-conditioning parameters (conditioning.py). All
 # small, so replicated; a rule must exist for each so the mapping is explicit.
 CONDITIONING_AXES = (
-    'tasks', 'prompt_len', 'layers', 'task_embed', 'layer_embed', 'hyper_embed',
-    'hyper_hidden', 'hyper_bottleneck', 'hyper_out', 'hyper_in', 'hyper_layers',
-    'hyper_positions', 'bottleneck', 'adapter_positions', 'stack')
+    'tasks', 'prompt_len', 'task_embed', 'layer_task', 'hyper_blocks', 'hyper_bottleneck',
+    'hyper_generated', 'hyper_layers', 'hyper_positions', 'layers', 'stack')
 
 
 def standard_logical_axis_rules(
