@@ -1,5 +1,6 @@
 """T5X checkpoint import: the real tiny checkpoint, the msgpack + TensorStore
 layout, merging into a fresh HyperPrompt model, and bad input."""
+import functools
 import os
 import shutil
 
@@ -73,7 +74,13 @@ def test_real_checkpoint_restores_into_network(tiny_params, t5x_tiny_checkpoint,
   if method != 'none':
     overrides['num_tasks'] = 3
   config = checkpoints.t5x_config_from_params(tiny_params, **overrides)
-  fresh = checkpoints.init_params(config, seed=1)
+  # The network's own tree (eval_shape: no init compile); conditioning leaves get
+  # stand-in "fresh" values that the merge must pass through untouched.
+  rng = np.random.default_rng(1)
+  fresh = checkpoints.unflatten_params({
+      name: (rng.normal(size=leaf.shape).astype(leaf.dtype)
+             if name.startswith(network.CONDITIONING_KEY + '/') else leaf)
+      for name, leaf in checkpoints.flatten_params(network.param_shapes(config)).items()})
   merged = checkpoints.merge_backbone(fresh, tiny_params, source=str(t5x_tiny_checkpoint))
 
   flat_fresh = checkpoints.flatten_params(fresh)
@@ -88,21 +95,23 @@ def test_real_checkpoint_restores_into_network(tiny_params, t5x_tiny_checkpoint,
   conditioning = set(flat_fresh) - backbone
   assert bool(conditioning) == (method != 'none')
   for name in conditioning:  # conditioning comes from the fresh init, untouched
-    np.testing.assert_array_equal(np.asarray(flat_merged[name]), np.asarray(flat_fresh[name]))
+    assert flat_merged[name] is flat_fresh[name], name
 
   tokens = np.array([[5, 6, 7, 1, 0], [9, 1, 0, 0, 0]], np.int32)
   targets = np.array([[3, 4, 1], [8, 1, 0]], np.int32)
   inputs = np.array([[0, 3, 4], [0, 8, 1]], np.int32)
   task_ids = np.array([0, 2], np.int32) if method != 'none' else None
-  logits = network.Transformer(config).apply(
-      {'params': merged}, tokens, inputs, targets, task_ids, enable_dropout=False)
+  logits = jax.jit(functools.partial(network.Transformer(config).apply, enable_dropout=False))(
+      {'params': merged}, tokens, inputs, targets, task_ids)
   assert logits.shape == (2, 3, TINY['vocab_size'])
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
 def test_load_pretrained_detects_t5x(t5x_tiny_checkpoint, tiny_params):
+  from hyperprompt_t5x import network
   config = checkpoints.t5x_config_from_params(tiny_params, method='none', dtype=jnp.float32)
-  params = checkpoints.load_pretrained(t5x_tiny_checkpoint, config)
+  params = checkpoints.load_pretrained(t5x_tiny_checkpoint, config,
+                                       fresh_params=network.param_shapes(config))
   emb = params['token_embedder']['embedding']
   np.testing.assert_array_equal(np.asarray(emb), tiny_params['token_embedder']['embedding'])
 
@@ -309,10 +318,12 @@ def test_merge_takes_backbone_from_checkpoint_and_conditioning_fresh():
 
 
 def test_mismatched_real_checkpoint_against_other_config(tiny_params, t5x_tiny_checkpoint):
+  from hyperprompt_t5x import network
   config = checkpoints.t5x_config_from_params(
       tiny_params, mlp_dim=20, num_decoder_layers=3, method='none', dtype=jnp.float32)
   with pytest.raises(CheckpointError) as e:
-    checkpoints.load_pretrained(t5x_tiny_checkpoint, config)
+    checkpoints.load_pretrained(t5x_tiny_checkpoint, config,
+                                fresh_params=network.param_shapes(config))
   msg = str(e.value)
   assert str(t5x_tiny_checkpoint) in msg
   assert 'decoder/layers_2/mlp/wo/kernel' in msg  # missing layer
