@@ -14,6 +14,7 @@ hyper_generated, hyper_layers, hyper_positions`). Activations are constrained
 with `nn.with_logical_constraint` (a no-op without axis rules).
 """
 import dataclasses
+import functools
 from typing import Any, Dict, Optional, Sequence
 
 import flax
@@ -444,17 +445,72 @@ def init_variables(config: T5Config, rng: jax.Array) -> Dict[str, Any]:
   return model.init({'params': rng, 'dropout': rng}, *_dummy_inputs(), enable_dropout=False)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params_jit(config: T5Config, rng: jax.Array):
+  return init_variables(config, rng)['params']
+
+
 def init_params(config: T5Config, rng: jax.Array) -> Dict[str, Any]:
-  """Freshly initialised float32 params (a plain nested dict)."""
-  return flax.core.unfreeze(init_variables(config, rng)['params'])
+  """Freshly initialised float32 params (a plain nested dict); jitted, cached per config."""
+  return flax.core.unfreeze(_init_params_jit(config, rng))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_variables(config: T5Config):
+  return flax.core.freeze(
+      jax.eval_shape(lambda: init_variables(config, jax.random.PRNGKey(0))))
 
 
 def param_shapes(config: T5Config) -> Dict[str, Any]:
   """ShapeDtypeStruct tree of the params, via jax.eval_shape (no allocation)."""
-  return jax.eval_shape(lambda: init_variables(config, jax.random.PRNGKey(0)))['params']
+  return flax.core.unfreeze(_abstract_variables(config)['params'])
 
 
 def param_logical_axes(config: T5Config) -> Dict[str, Any]:
   """Tree matching `params` whose leaves are PartitionSpecs of logical axis names."""
-  axes = jax.eval_shape(lambda: init_variables(config, jax.random.PRNGKey(0)))['params_axes']
+  axes = _abstract_variables(config)['params_axes']
   return flax.core.unfreeze(nn_partitioning.get_axis_names(axes))
+
+
+def random_params(config: T5Config, seed: int = 0) -> Dict[str, Any]:
+  """Host-side (numpy) random params with the init's shapes and scales, for tests/benchmarks.
+
+  Compiling the real initialiser costs seconds of XLA CPU time even for a
+  tiny model (one threefry per leaf); this skips it. Scales follow
+  `init_params` (fan-in normal kernels, 1/sqrt(head_dim) on queries,
+  N(0, 1) embeddings and prompts, generator scales of conditioning.py);
+  biases are small non-zero normals so bias code paths are exercised.
+  Not the training initialiser.
+  """
+  rng = np.random.default_rng(seed)
+  cfg = config
+  gen_fan = {'hyper_key_down': cfg.emb_dim, 'hyper_value_down': cfg.emb_dim,
+             'hyper_key_up': cfg.bottleneck, 'hyper_value_up': cfg.bottleneck,
+             'adapter_down': cfg.emb_dim}
+  gen_small = {'adapter_up': 1e-2 / np.sqrt(cfg.adapter_dim), 'adapter_norm': 1e-2}
+
+  def leaf(path, shape_dtype):
+    names = [getattr(k, 'key', str(k)) for k in path]
+    name, parent = names[-1], (names[-2] if len(names) > 1 else '')
+    shape = shape_dtype.shape
+    if name == 'scale':
+      return np.ones(shape, np.float32)
+    if name == 'bias':
+      std = 0.1
+    elif name in ('embedding', 'prompts', 'task_embedding', 'layer_embedding',
+                  'position_embedding'):
+      std = 1.0
+    elif name == 'rel_embedding':
+      std = 0.5
+    elif parent in gen_fan:
+      std = 1.0 / np.sqrt(shape[0] * gen_fan[parent])
+    elif parent in gen_small:
+      std = gen_small[parent] / np.sqrt(shape[0])
+    else:  # kernels [..., in, out]
+      std = 1.0 / np.sqrt(shape[-2])
+      if parent == 'query':
+        std /= np.sqrt(cfg.head_dim)
+    return (rng.standard_normal(shape) * std).astype(np.float32)
+
+  host = jax.tree_util.tree_map_with_path(leaf, flax.core.unfreeze(param_shapes(config)))
+  return jax.tree_util.tree_map(jnp.asarray, host)
