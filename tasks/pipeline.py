@@ -44,7 +44,11 @@ def _with_task_id(ds: tf.data.Dataset, task_id: int) -> tf.data.Dataset:
 def get_examples(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],
                  shuffle: bool = True, seed: Optional[int] = None, shard_id: int = 0,
                  num_shards: int = 1, num_epochs: Optional[int] = None) -> tf.data.Dataset:
-  """Tokenized examples {'inputs', 'targets', 'task_id'} sampled by the mixing rates."""
+  """Tokenized examples {'inputs', 'targets', 'task_id'} sampled by the mixing rates.
+
+  With `num_epochs=None` each task repeats forever; with a number, the mixture
+  ends when every task has given all its examples that many times.
+  """
   lengths = _check_lengths(task_feature_lengths)
   names = mixtures.task_names(mixture_or_task_name)
   shard_info = seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None
@@ -63,8 +67,10 @@ def get_examples(mixture_or_task_name: str, split: str, task_feature_lengths: Ma
   else:
     weights = np.ones(len(names))
   weights = (weights / weights.sum()).tolist()
+  # Forever: sample by the rates. A finite number of epochs: every example of
+  # every task exactly that often (rates only shape the order).
   return tf.data.Dataset.sample_from_datasets(datasets, weights, seed=seed,
-                                              stop_on_empty_dataset=True)
+                                              stop_on_empty_dataset=False)
 
 
 def get_dataset(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],

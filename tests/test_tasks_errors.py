@@ -1,0 +1,139 @@
+"""Bad input gives one clear error: file and line, the variable to set, the known names."""
+import json
+import shutil
+
+import pytest
+
+seqio = pytest.importorskip('seqio')
+
+from hyperprompt_t5x import tasks  # noqa: E402
+
+LENGTHS = {'inputs': 256, 'targets': 16}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def byte_vocabulary():
+  previous = tasks.get_vocabulary()
+  tasks.set_vocabulary('byte')  # the default T5 model is on gs://, not reachable offline
+  yield
+  tasks.set_vocabulary(previous)
+
+
+@pytest.fixture(autouse=True)
+def _reset_dirs():
+  yield
+  tasks.set_data_dirs(None, None)
+
+
+def _build(name, split):
+  task = seqio.get_mixture_or_task(name)
+  ds = task.get_dataset(LENGTHS, split=split, shuffle=False, use_cached=False, num_epochs=1)
+  return next(ds.as_numpy_iterator())
+
+
+def _glue_dir(tmp_path, folder, name, text):
+  (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+  path = tmp_path / folder / name
+  path.write_text(text)
+  return path
+
+
+def test_tsv_wrong_column_count_names_file_and_line(tmp_path):
+  path = _glue_dir(tmp_path, 'RTE', 'dev.tsv',
+                   'index\tsentence1\tsentence2\tlabel\n'
+                   '0\tA man runs.\tA person moves.\tentailment\n'
+                   '1\tA man runs.\tentailment\n')
+  tasks.set_data_dirs(glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError, match=f'{path}:3: expected 4 .*got 3'):
+    _build('hyperprompt_glue_rte', 'validation')
+
+
+def test_tsv_unknown_label_names_file_and_line(tmp_path):
+  path = _glue_dir(tmp_path, 'SST-2', 'dev.tsv', 'sentence\tlabel\ngood film\t1\nbad film\tmaybe\n')
+  tasks.set_data_dirs(glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError, match=f"{path}:3: unknown label 'maybe'"):
+    _build('hyperprompt_glue_sst2', 'validation')
+
+
+def test_cola_without_header_and_mrpc_bom(tmp_path):
+  _glue_dir(tmp_path, 'CoLA', 'dev.tsv', 'src\t0\t*\tThe dog barked the cat.')  # no final newline
+  (tmp_path / 'MRPC').mkdir()
+  (tmp_path / 'MRPC' / 'dev.tsv').write_bytes(
+      '\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\tIt rains.\tIt is dry.\n'
+      .encode('utf-8'))
+  tasks.set_data_dirs(glue_dir=tmp_path)
+  cola = _build('hyperprompt_glue_cola', 'validation')
+  assert cola['inputs_pretokenized'].decode() == 'cola sentence: The dog barked the cat.'
+  assert cola['targets_pretokenized'].decode() == 'unacceptable'
+  mrpc = _build('hyperprompt_glue_mrpc', 'validation')
+  assert mrpc['inputs_pretokenized'].decode() == 'mrpc sentence1: It rains. sentence2: It is dry.'
+  assert mrpc['targets_pretokenized'].decode() == 'not_equivalent'
+
+
+def test_test_split_without_labels_gives_unk(tmp_path):
+  _glue_dir(tmp_path, 'RTE', 'test.tsv', 'index\tsentence1\tsentence2\n0\tIt rains.\tIt is wet.\n')
+  tasks.set_data_dirs(glue_dir=tmp_path)
+  ex = _build('hyperprompt_glue_rte', 'test')
+  assert ex['targets_pretokenized'].decode() == '<unk>'
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+  (tmp_path / 'CB').mkdir()
+  path = tmp_path / 'CB' / 'val.jsonl'
+  good = json.dumps({'premise': 'p', 'hypothesis': 'h', 'label': 'neutral', 'idx': 0})
+  path.write_text(good + '\n' + '{"premise": "p", "hypothesis": \n')
+  tasks.set_data_dirs(super_glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError, match=f'{path}:2: bad JSON'):
+    _build('hyperprompt_super_glue_cb', 'validation')
+
+
+def test_jsonl_unknown_label_and_missing_field(tmp_path):
+  (tmp_path / 'CB').mkdir()
+  path = tmp_path / 'CB' / 'val.jsonl'
+  path.write_text(json.dumps({'premise': 'p', 'hypothesis': 'h', 'label': 'maybe', 'idx': 0}))
+  tasks.set_data_dirs(super_glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError, match=f"{path}:1: unknown label 'maybe'"):
+    _build('hyperprompt_super_glue_cb', 'validation')
+  path.write_text(json.dumps({'premise': 'p', 'label': 'neutral', 'idx': 0}))
+  with pytest.raises(tasks.DataFormatError, match=f"{path}:1: missing .*hypothesis"):
+    _build('hyperprompt_super_glue_cb', 'validation')
+
+
+def test_missing_directory_names_the_variable(monkeypatch, tmp_path):
+  monkeypatch.setenv(tasks.GLUE_DIR_ENV, str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='HYPERPROMPT_GLUE_DIR'):
+    _build('hyperprompt_glue_rte', 'validation')
+  monkeypatch.setenv(tasks.SUPER_GLUE_DIR_ENV, str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='HYPERPROMPT_SUPER_GLUE_DIR'):
+    _build('hyperprompt_super_glue_boolq', 'validation')
+
+
+def test_missing_file_names_the_variable(monkeypatch, tmp_path):
+  monkeypatch.setenv(tasks.GLUE_DIR_ENV, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r'QQP/dev.tsv.*HYPERPROMPT_GLUE_DIR'):
+    _build('hyperprompt_glue_qqp', 'validation')
+
+
+def test_env_var_selects_file_source(monkeypatch, shared_data, tmp_path):
+  shutil.copytree(shared_data / 'glue' / 'RTE', tmp_path / 'RTE')
+  monkeypatch.setenv(tasks.GLUE_DIR_ENV, str(tmp_path))
+  ex = _build('hyperprompt_glue_rte', 'validation')
+  assert ex['inputs_pretokenized'].decode().startswith('rte sentence1: Dana Reeve')
+
+
+def test_unknown_names_list_the_registered_ones():
+  with pytest.raises(ValueError, match='hyperprompt_glue.*hyperprompt_super_glue_wsc'):
+    tasks.task_names('hyperprompt_glu')
+  with pytest.raises(ValueError, match='hyperprompt_demo'):
+    tasks.get_dataset('no_such_mixture', 'train', LENGTHS, batch_size=2)
+
+
+def test_unknown_split_is_named():
+  with pytest.raises(ValueError, match="no split 'dev'.*train"):
+    tasks.get_dataset('hyperprompt_demo', 'dev', LENGTHS, batch_size=2)
+
+
+def test_missing_vocabulary_file_names_the_variable(monkeypatch, tmp_path):
+  monkeypatch.setenv(tasks.VOCABULARY_ENV, str(tmp_path / 'missing.model'))
+  with pytest.raises(FileNotFoundError, match='HYPERPROMPT_VOCABULARY'):
+    tasks.vocab.make_vocabulary(None)
