@@ -172,6 +172,8 @@ def _select_target(state: Any, source: str) -> Mapping[str, Any]:
     target = state['optimizer']['target']  # legacy: {'version', 'optimizer': ...}
   elif isinstance(state.get('target'), Mapping):
     target = state['target']  # newer: {'target', 'state', ...}
+  elif isinstance(state.get('params'), Mapping):
+    target = state['params']  # this project's TrainState {'step', 'params', ...}
   elif any(k in state for k in BACKBONE_KEYS):
     target = state  # a bare params tree
   else:
@@ -222,7 +224,8 @@ def load_t5x_params(path: str) -> Params:
 
   Args:
     path: a `checkpoint_N` directory holding the msgpack file `checkpoint`, or
-      that file itself; local or `gs://`.
+      that file itself; local or `gs://`. A local orbax PyTree checkpoint
+      (`_METADATA`, directly or in `state/`) is read too.
 
   Returns:
     Nested dict {'token_embedder', 'encoder', 'decoder'} of float32 numpy
@@ -233,6 +236,9 @@ def load_t5x_params(path: str) -> Params:
       not a T5 checkpoint, or an unreadable TensorStore array; names the path.
   """
   path = os.fspath(path)
+  orbax_dir = _orbax_item_dir(path)
+  if orbax_dir is not None:
+    return _load_orbax_params(orbax_dir)
   ckpt_dir, file = _checkpoint_file(path)
   try:
     raw = _read_bytes(file)
@@ -262,6 +268,42 @@ def load_t5x_params(path: str) -> Params:
           'array or a TensorStore spec.')
   inline.update(_read_tensorstores(specs, ckpt_dir, version, file))
   return unflatten_params({n: inline[n] for n in flat})
+
+
+def _orbax_item_dir(path: str) -> Optional[str]:
+  """The orbax PyTree dir in `path` (itself or its `state/` item), else None.
+
+  Newer T5X and this project's trainer write orbax checkpoints:
+  `checkpoint_N/{state/,}_METADATA` + OCDBT/zarr arrays, no msgpack file.
+  """
+  if is_gcs_path(path) or not os.path.isdir(path):
+    return None
+  if os.path.isfile(os.path.join(path, 'checkpoint')):
+    return None  # legacy msgpack layout
+  for item in (path, os.path.join(path, 'state')):
+    if os.path.isfile(os.path.join(item, '_METADATA')):
+      return item
+  return None
+
+
+def _load_orbax_params(item_dir: str) -> Params:
+  """Reads an orbax PyTree checkpoint as host numpy (no device shardings)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(item_dir)
+    tree = getattr(getattr(metadata, 'item_metadata', metadata), 'tree', None)
+    tree = tree if tree is not None else getattr(metadata, 'item_metadata', metadata)
+    restore_args = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        restore_args=restore_args))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'{item_dir}: unreadable orbax checkpoint: {e}') from e
+  target = _select_target(state, item_dir)
+  return unflatten_params({name: to_float32(value, name, item_dir)
+                           for name, value in flatten_params(target).items()})
 
 
 class _Spec:

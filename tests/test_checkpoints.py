@@ -210,6 +210,26 @@ def test_version2_uint16_bfloat16_and_top_level_target(tmp_path):
     np.testing.assert_array_equal(got[n], v)
 
 
+def test_orbax_layout(tmp_path):
+  """Newer T5X / this project's trainer: orbax PyTree under checkpoint_N/state."""
+  import orbax.checkpoint as ocp
+  tree = _small_tree(2)
+  conditioning = {'prompts': np.ones((2, 3), np.float32)}
+  state = {'step': np.array(5, np.int32),
+           'params': dict(tree, task_conditioning=conditioning),
+           'opt_state': {'count': np.array(5, np.int32)}}
+  manager = ocp.CheckpointManager(str(tmp_path), item_names=('state',))
+  manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.wait_until_finished()
+  step_dir = tmp_path / '5'
+  assert not (step_dir / 'checkpoint').exists()
+  got = checkpoints.flatten_params(checkpoints.load_t5x_params(step_dir))
+  want = checkpoints.flatten_params(state['params'])
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_ts_spec_paths_resolved_against_checkpoint_dir():
   spec = {'driver': 'zarr',
           'kvstore': {'driver': 'gcs', 'bucket': 't5x-dummy-bucket',
