@@ -79,6 +79,7 @@ class EncoderDecoderModel:
     self.z_loss = float(z_loss)
     self.label_smoothing = float(label_smoothing)
     self.loss_normalizing_factor = loss_normalizing_factor
+    self._abstract_cache = {}
 
   # -- initialisation --------------------------------------------------------
 
@@ -95,10 +96,17 @@ class EncoderDecoderModel:
                             dec_tgt, task_ids, enable_dropout=False)
 
   def init_abstract(self, batch_size: int, input_len: int, target_len: int):
-    """`jax.eval_shape` of init: {'params': ShapeDtypeStructs, 'params_axes': ...}."""
-    return jax.eval_shape(
-        lambda rng: self._init_variables(rng, batch_size, input_len, target_len),
-        jax.random.PRNGKey(0))
+    """`jax.eval_shape` of init: {'params': ShapeDtypeStructs, 'params_axes': ...}.
+
+    Memoised per shape: tracing the network costs seconds and the trainer,
+    the optimizer and the shardings all ask for it.
+    """
+    key = (batch_size, input_len, target_len)
+    if key not in self._abstract_cache:
+      self._abstract_cache[key] = jax.eval_shape(
+          lambda rng: self._init_variables(rng, batch_size, input_len, target_len),
+          jax.random.PRNGKey(0))
+    return self._abstract_cache[key]
 
   def init(self, rng: Array, input_len: int, target_len: int):
     """Fresh float32 parameters, a plain nested dict (no axis metadata)."""

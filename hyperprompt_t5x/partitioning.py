@@ -19,7 +19,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'model')
@@ -90,6 +89,32 @@ def make_mesh(num_partitions: int = 1, devices: Optional[Sequence[Any]] = None) 
   return Mesh(grid, MESH_AXES)
 
 
+def logical_to_mesh_axes(logical: PartitionSpec, rules: LogicalRules) -> PartitionSpec:
+  """One logical PartitionSpec -> mesh PartitionSpec (flax's rule semantics).
+
+  Each dimension takes the first rule for its name whose mesh axes are not
+  used by an earlier dimension; a name without a usable rule is replicated.
+  Unlike flax, a logical name may repeat (e.g. a square [layer_task,
+  layer_task] kernel).
+  """
+  used, out = set(), []
+  for name in logical:
+    assigned = None
+    names = name if isinstance(name, tuple) else (name,)
+    if name is not None and len(names) == 1:
+      for rule_name, mesh_axis in rules:
+        if rule_name != names[0]:
+          continue
+        axes = () if mesh_axis is None else (
+            mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,))
+        if not used.intersection(axes):
+          assigned = mesh_axis
+          used.update(axes)
+          break
+    out.append(assigned)
+  return PartitionSpec(*out)
+
+
 def _replicate_undivisible(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
   """Drops sharding on dimensions the mesh axes do not divide evenly."""
   out = []
@@ -113,7 +138,7 @@ def logical_to_mesh_sharding(logical_axes_tree, mesh: Mesh, rules: LogicalRules,
   """
   is_spec = lambda x: isinstance(x, PartitionSpec)
   mesh_specs = jax.tree_util.tree_map(
-      lambda s: nn.logical_to_mesh_axes(s, rules), logical_axes_tree, is_leaf=is_spec)
+      lambda s: logical_to_mesh_axes(s, rules), logical_axes_tree, is_leaf=is_spec)
   if shapes is not None:
     mesh_specs = jax.tree_util.tree_map(
         lambda s, x: _replicate_undivisible(s, x.shape, mesh), mesh_specs, shapes,

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -128,6 +129,14 @@ def _tree_diff(got: Mapping[str, Any], want: Mapping[str, Any], limit: int = 20)
   return problems
 
 
+def _place(x, sharding: NamedSharding, dtype) -> jax.Array:
+  """Host or device array -> global array with `sharding` (each process: its shards)."""
+  if isinstance(x, jax.Array):
+    return jax.device_put(x.astype(dtype), sharding)
+  host = np.asarray(x, dtype)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.Array,
                        mesh: Mesh, rules, input_len: int, target_len: int,
                        initial_params=None) -> Tuple[TrainState, TrainState]:
@@ -145,24 +154,36 @@ def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
 
-  with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
-    if initial_params is None:
-      init = jax.jit(lambda r: from_params(flax.core.unfreeze(
-          model.init(r, input_len, target_len))), out_shardings=shardings)
-      state = init(rng)
-    else:
-      initial_params = flax.core.unfreeze(initial_params)
-      _check_params_match(initial_params, abstract.params, 'initial_params')
-      params = jax.tree_util.tree_map(
-          lambda x, s, a: jax.device_put(jnp.asarray(x, a.dtype) if not isinstance(
-              x, jax.Array) else x.astype(a.dtype), s),
-          initial_params, shardings.params, abstract.params)
-      state = jax.jit(from_params, in_shardings=(shardings.params,),
-                      out_shardings=shardings)(params)
+  # Parameter shardings come from out_shardings (no constraints needed in init).
+  if initial_params is None:
+    init = jax.jit(lambda r: from_params(flax.core.unfreeze(
+        model.init(r, input_len, target_len))), out_shardings=shardings)
+    state = init(rng)
+  else:
+    initial_params = flax.core.unfreeze(initial_params)
+    _check_params_match(initial_params, abstract.params, 'initial_params')
+    params = jax.tree_util.tree_map(lambda x, s, a: _place(x, s, a.dtype),
+                                    initial_params, shardings.params, abstract.params)
+    state = jax.jit(from_params, in_shardings=(shardings.params,),
+                    out_shardings=shardings)(params)
   return state, shardings
 
 
 # -- steps --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _activation_context(mesh: Mesh, activation_rules):
+  """Mesh + logical rules for the network's activation constraints, if asked for.
+
+  activation_rules=None: no constraints; XLA propagates the shardings of the
+  parameters and the batch (enough for data parallelism and small models).
+  """
+  if activation_rules is None:
+    yield
+    return
+  with jax.set_mesh(mesh), nn_partitioning.axis_rules(activation_rules):
+    yield
+
 
 def _split(tree, mask):
   """(trainable, frozen) trees; absent leaves are None."""
@@ -178,18 +199,18 @@ def _merge(trainable, frozen, mask):
 
 def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, *, freeze: str = 'all',
-                    rules=None, schedule: Optional[Callable] = None,
+                    activation_rules=None, schedule: Optional[Callable] = None,
                     donate: bool = True) -> Callable:
   """Jitted `step_fn(state, batch, rng) -> (new_state, metrics)`.
 
   Dropout key = fold_in(rng, state.step) (rng defaults to PRNGKey(0)), so a
   resumed run reproduces the same dropout masks. `freeze` must be the one given to `make_optimizer`:
   gradients are taken only for trainable params, and frozen ones are copied
-  through unchanged. metrics: the model's (loss, z_loss, cross_ent_loss,
+  through unchanged. `activation_rules`: logical rules to turn on the
+  network's activation sharding constraints (T5X does; off by default). metrics: the model's (loss, z_loss, cross_ent_loss,
   accuracy, num_tokens) plus grad_norm and, with `schedule`, learning_rate
   (of the step just taken). All values stay on device.
   """
-  rules = partitioning.standard_logical_axis_rules() if rules is None else rules
   mask = optim.trainable_mask(state_shardings.params, freeze)
   all_trainable = freeze == 'all'
 
@@ -229,19 +250,19 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
   default_rng = jax.random.PRNGKey(0)
 
   def run(state, batch, rng=None):
-    with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
+    with _activation_context(mesh, activation_rules):
       return jitted(state, batch, default_rng if rng is None else rng)
 
   run.jitted = jitted
   return run
 
 
-def make_eval_step(model, mesh: Mesh, state_shardings: TrainState, *, rules=None) -> Callable:
+def make_eval_step(model, mesh: Mesh, state_shardings: TrainState, *,
+                   activation_rules=None) -> Callable:
   """Jitted `eval_fn(params, batch) -> metrics` (no dropout) and per-example scores.
 
   metrics: the model's loss metrics plus `scores` [batch] (sum log-likelihood).
   """
-  rules = partitioning.standard_logical_axis_rules() if rules is None else rules
 
   def eval_fn(params, batch):
     _, metrics = model.loss_fn(params, batch, None)
@@ -251,22 +272,21 @@ def make_eval_step(model, mesh: Mesh, state_shardings: TrainState, *, rules=None
   jitted = jax.jit(eval_fn, in_shardings=(state_shardings.params, data))
 
   def run(params, batch):
-    with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
+    with _activation_context(mesh, activation_rules):
       return jitted(params, batch)
   return run
 
 
 def make_predict_fn(model, mesh: Mesh, state_shardings: TrainState, *,
-                    max_decode_length: Optional[int] = None, rules=None) -> Callable:
+                    max_decode_length: Optional[int] = None, activation_rules=None) -> Callable:
   """Jitted `predict_fn(params, batch) -> int32 [batch, len]` (greedy, cached)."""
-  rules = partitioning.standard_logical_axis_rules() if rules is None else rules
   data = partitioning.batch_sharding(mesh)
   jitted = jax.jit(lambda params, batch: model.predict_batch(params, batch,
                                                              max_decode_length),
                    in_shardings=(state_shardings.params, data), out_shardings=data)
 
   def run(params, batch):
-    with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
+    with _activation_context(mesh, activation_rules):
       return jitted(params, batch)
   return run
 

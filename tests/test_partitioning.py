@@ -13,8 +13,7 @@ from hyperprompt_t5x import partitioning
 
 
 def _mesh_axes(rules, *logical):
-  from flax import linen as nn
-  return nn.logical_to_mesh_axes(P(*logical), rules)
+  return partitioning.logical_to_mesh_axes(P(*logical), rules)
 
 
 def test_standard_rules_follow_t5x():
@@ -33,6 +32,10 @@ def test_standard_rules_follow_t5x():
   rules2 = partitioning.standard_logical_axis_rules(parameter_partitioning_dims=2)
   assert _mesh_axes(rules2, 'vocab', 'embed') == P('model', 'data')
   assert _mesh_axes(rules2, 'batch', 'embed') == P('data', None)
+  # A repeated logical name (square conditioning kernels) maps dim by dim.
+  assert _mesh_axes(rules, 'layer_task', 'layer_task') == P(None, None)
+  assert _mesh_axes(rules, 'mlp', 'mlp') == P('model', None)
+  assert _mesh_axes(rules, 'unknown_axis', 'mlp') == P(None, 'model')
   with pytest.raises(ValueError, match='activation_partitioning_dims'):
     partitioning.standard_logical_axis_rules(activation_partitioning_dims=3)
 
