@@ -152,15 +152,10 @@ def load_pretrained(path: str, config, fresh_params: Optional[Mapping[str, Any]]
 
 
 def init_params(config, *, seed: int = 0) -> Params:
-  """A fresh `Transformer(config)` parameter tree (plain dict, no 'params').
-
-  Jitted: one compile instead of op-by-op dispatch of every initialiser.
-  """
-  import functools  # pylint: disable=g-import-not-at-top
+  """A fresh `Transformer(config)` parameter tree (plain dict, no 'params')."""
   import jax  # pylint: disable=g-import-not-at-top
   from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
-  init = jax.jit(functools.partial(network.init_params, config))
-  return to_plain_dict(init(jax.random.PRNGKey(seed)))
+  return to_plain_dict(network.init_params(config, jax.random.PRNGKey(seed)))
 
 
 __all__ = [
