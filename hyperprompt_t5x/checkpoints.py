@@ -1,22 +1,25 @@
-"""Pretrained T5 1.1 weights into the T5X parameter tree.
+"""Pretrained T5 1.1 weights into the T5X parameter tree (public entry).
 
-Three readers and one merge, all producing / consuming the backbone tree of
+Readers and one merge, all producing / consuming the backbone tree of
 DESIGN.md §2 (`token_embedder`, `encoder`, `decoder`) as nested dicts of
 float32 numpy arrays:
 
-* `load_t5x_params(path)`: a T5X checkpoint, i.e. the msgpack file
-  `checkpoint_N/checkpoint` whose small arrays are inline and whose large ones
-  are TensorStore zarr specs relative to the checkpoint directory (local or
-  `gs://`).
-* `load_hf_t5(directory)`: a Hugging Face `T5ForConditionalGeneration`
-  directory (config.json + safetensors, single file or sharded).
+* `load_t5x_params(path)` (t5x_checkpoint.py): a T5X checkpoint, i.e. the
+  msgpack file `checkpoint_N/checkpoint` whose small arrays are inline and
+  whose large ones are TensorStore zarr specs relative to the checkpoint
+  directory (local or `gs://`); also orbax PyTree checkpoints (newer T5X, this
+  project's trainer).
+* `load_hf_t5(directory)` (hf_checkpoint.py): a Hugging Face
+  `T5ForConditionalGeneration` directory (config.json + safetensors, single
+  file or sharded).
 * `merge_backbone(fresh, pretrained)`: backbone from the checkpoint, every
   task-conditioning parameter (top-level `task_conditioning`) from the fresh
   initialisation; one `CheckpointError` lists every mismatch.
-* `load_pretrained(path, config)`: detects the format and does all of it.
+* `load_pretrained(path, config)`: detects the format and does all of it
+  (the trainer's INITIAL_CHECKPOINT_PATH).
 
-Only numpy, msgpack (via flax.serialization), tensorstore and safetensors are
-used here; no TensorFlow.
+Uses numpy, msgpack (via flax.serialization), tensorstore, orbax and
+safetensors (lazily); no TensorFlow.
 """
 import logging
 import os
