@@ -92,14 +92,20 @@ def _gcs_kvstore(path: str) -> Dict[str, str]:
   return {'driver': 'gcs', 'bucket': bucket, 'path': key}
 
 
+def read_kvstore_bytes(kvstore: Mapping[str, Any]) -> Optional[bytes]:
+  """One whole object through a tensorstore kvstore spec ({driver, path, ...});
+  None if absent. How the msgpack of a `gs://` checkpoint is fetched."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  kvstore = dict(kvstore)
+  key = kvstore.pop('path')
+  result = ts.KvStore.open(kvstore).result().read(key).result()
+  return bytes(result.value) if result.state == 'value' else None
+
+
 def _read_bytes(path: str) -> Optional[bytes]:
   """The whole file, local or gs:// (through tensorstore); None if absent."""
   if is_gcs_path(path):
-    import tensorstore as ts  # pylint: disable=g-import-not-at-top
-    spec = _gcs_kvstore(path)
-    store = ts.KvStore.open({'driver': 'gcs', 'bucket': spec['bucket']}).result()
-    result = store.read(spec['path']).result()
-    return bytes(result.value) if result.state == 'value' else None
+    return read_kvstore_bytes(_gcs_kvstore(path))
   if not os.path.isfile(path):
     return None
   with open(path, 'rb') as f:

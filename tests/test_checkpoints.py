@@ -253,6 +253,18 @@ def test_ts_spec_paths_resolved_against_checkpoint_dir():
                                                                  'path': '/c/target.x'}
 
 
+def test_kvstore_read_used_for_gcs_msgpack(t5x_tiny_checkpoint, tmp_path):
+  """gs:// checkpoints are fetched through a tensorstore kvstore; the same call
+  through the file driver returns the file's bytes, and None when absent."""
+  from hyperprompt_t5x import t5x_checkpoint
+  directory = str(t5x_tiny_checkpoint.parent) + '/'
+  got = t5x_checkpoint.read_kvstore_bytes(
+      {'driver': 'file', 'path': directory + t5x_tiny_checkpoint.name})
+  assert got == t5x_tiny_checkpoint.read_bytes()
+  assert t5x_checkpoint.read_kvstore_bytes(
+      {'driver': 'file', 'path': str(tmp_path) + '/absent'}) is None
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one clear error naming what and where.
 # ---------------------------------------------------------------------------
