@@ -46,8 +46,7 @@ class Decoder:
     self.batch_size = batch_size
     self.mesh = run.mesh
     self._fn = train_state.make_predict_fn(run.model, run.mesh, run.shardings,
-                                           max_decode_length=max_decode_length,
-                                           rules=run.rules)
+                                           max_decode_length=max_decode_length)
 
   def __call__(self, params, encoder_input_tokens: np.ndarray,
                task_ids: np.ndarray) -> np.ndarray:
@@ -139,12 +138,14 @@ class Evaluator:
 
   def __init__(self, run, mixture_or_task_name: str, lengths: Mapping[str, int], *,
                split: str = 'validation', batch_size: int = 32,
-               max_examples: Optional[int] = None, model_dir: Optional[str] = None):
+               max_examples: Optional[int] = None, model_dir: Optional[str] = None,
+               sets: Optional[list] = None):
     self.run_ = run
     self.vocabulary = run.vocabulary
-    self.model_dir = model_dir or run.store.model_dir
+    self.model_dir = model_dir or str(run.store.directory)
     self.split = split
-    self.sets = eval_sets(mixture_or_task_name, split, lengths, batch_size, max_examples)
+    self.sets = sets if sets is not None else eval_sets(
+        mixture_or_task_name, split, lengths, batch_size, max_examples)
     self.decoder = Decoder(run, batch_size, lengths['targets'])
     self.last = None
     self.best = self._read_best()

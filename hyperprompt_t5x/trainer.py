@@ -20,6 +20,7 @@ seqio / TensorFlow (through `hyperprompt_t5x.tasks`) are imported inside functio
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -36,6 +37,7 @@ from hyperprompt_t5x import metrics_logging
 
 CONFIG_FILE = 'config.gin'
 MODEL_CONFIG_FILE = 'model_config.json'
+_ANNOUNCED = set()  # mixtures whose task-id mapping this process has printed
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -118,8 +120,10 @@ def mixture_tasks(mixture_or_task_name: str, config) -> tuple[list, Any]:
     raise ValueError(
         f'the vocabulary of {mixture_or_task_name!r} has {vocab.vocab_size} ids but the '
         f'model has vocab_size={config.vocab_size} (T5Config.vocab_size)')
-  log(f'Tasks of {mixture_or_task_name} (task id: name): '
-      + ', '.join(f'{i}: {n}' for i, n in enumerate(names)))
+  if mixture_or_task_name not in _ANNOUNCED:
+    _ANNOUNCED.add(mixture_or_task_name)
+    log(f'Tasks of {mixture_or_task_name} (task id: name): '
+        + ', '.join(f'{i}: {n}' for i, n in enumerate(names)))
   return names, vocab
 
 
@@ -158,14 +162,15 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
               task_feature_lengths: Mapping[str, int], settings: OptimizerSettings,
               num_partitions: int = 1, seed: int = 0, keep_checkpoints: Optional[int] = None,
               initial_checkpoint_path: Optional[str] = None,
-              checkpoint_step: Optional[int] = None, require_checkpoint: bool = False) -> Run:
+              checkpoint_step: Optional[int] = None, require_checkpoint: bool = False,
+              store=None) -> Run:
   """Model, optimizer, mesh and a train state (restored or initialised).
 
   Writes nothing: a checkpoint that does not fit fails here.
   """
   from hyperprompt_t5x import models, optim, partitioning, train_state  # pylint: disable=g-import-not-at-top
-  names, vocab = mixture_tasks(mixture_or_task_name, config)
   partitioning.maybe_initialize_distributed()
+  names, vocab = mixture_tasks(mixture_or_task_name, config)
   mesh = partitioning.make_mesh(num_partitions)
   rules = partitioning.standard_logical_axis_rules()
   model = models.EncoderDecoderModel(
@@ -179,7 +184,8 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
                                    freeze=settings.freeze,
                                    weight_decay=settings.weight_decay)
   rng = jax.random.PRNGKey(seed)
-  store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
+  if store is None:
+    store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
   step = checkpoint_step if checkpoint_step is not None else store.latest_step()
   if step is None and require_checkpoint:
     raise FileNotFoundError(f'no checkpoint in MODEL_DIR {model_dir}')
@@ -190,8 +196,11 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
       task_feature_lengths['targets'])
   restored_from = 'fresh initialisation'
   if step is not None:
-    state = store.restore(step, state)
-    restored_from = f'{model_dir} checkpoint_{step}'
+    state, extra = store.restore(step, state)
+    restored_from = f'{model_dir}/checkpoint_{step}'
+    if extra.get('fingerprint') not in (None, train_state.config_fingerprint(config)):
+      raise ValueError(f'{model_dir}/checkpoint_{step} was written for a different model '
+                       'config (fingerprint mismatch); use a new MODEL_DIR')
   elif initial_checkpoint_path:
     from hyperprompt_t5x import checkpoints  # pylint: disable=g-import-not-at-top
     fresh = jax.device_get(state.params)
@@ -298,6 +307,7 @@ def train(*,
           seed: int = 0,
           shuffle: bool = True,
           tensorboard: bool = True,
+          use_hardware_rng: bool = False,
           config_str: Optional[str] = None) -> dict:
   """Trains (or resumes training) to `train_steps`; returns a summary dict.
 
@@ -307,9 +317,10 @@ def train(*,
   initial_checkpoint_path (INITIAL_CHECKPOINT_PATH), save_period (SAVE_PERIOD),
   eval_period (EVAL_PERIOD; 0 = evaluate only at the end, None = never),
   num_partitions (NUM_PARTITIONS, the 'model' mesh axis). `config_str` is the
-  operative gin config, saved as MODEL_DIR/config.gin.
+  operative gin config, saved as MODEL_DIR/config.gin. use_hardware_rng
+  (USE_HARDWARE_RNG, as T5X) switches JAX to the `unsafe_rbg` PRNG: much faster
+  to compile and run, different random numbers than the default threefry.
   """
-  from hyperprompt_t5x import evaluation, network, partitioning, train_state  # pylint: disable=g-import-not-at-top
   _require('model_dir', model_dir, str)
   _require('mixture_or_task_name', mixture_or_task_name, str)
   _require('train_steps', train_steps, int, positive=True)
@@ -321,34 +332,69 @@ def train(*,
                                freeze, float(weight_decay), float(z_loss),
                                float(label_smoothing))
   t0 = time.perf_counter()
-  run = build_run(model_dir=model_dir, config=model_config,
-                  mixture_or_task_name=mixture_or_task_name, task_feature_lengths=lengths,
-                  settings=settings, num_partitions=num_partitions, seed=seed,
-                  keep_checkpoints=keep_checkpoints,
-                  initial_checkpoint_path=initial_checkpoint_path)
+  previous_prng = jax.config.jax_default_prng_impl
+  if use_hardware_rng:
+    jax.config.update('jax_default_prng_impl', 'unsafe_rbg')
+  try:
+    return _train(**locals())
+  finally:
+    jax.config.update('jax_default_prng_impl', previous_prng)
+
+
+def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_size,
+           initial_checkpoint_path, save_period, keep_checkpoints, eval_period, eval_split,
+           eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle,
+           tensorboard, config_str, lengths, settings, t0, **unused) -> dict:
+  """The body of `train` (arguments validated)."""
+  from hyperprompt_t5x import evaluation, network, partitioning, train_state  # pylint: disable=g-import-not-at-top
+  partitioning.maybe_initialize_distributed()
+  mixture_tasks(mixture_or_task_name, model_config)
+  store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
+  resume_step = store.latest_step()
+  eval_batch_size = eval_batch_size or batch_size
+
+  def prepare_data():
+    """The input pipelines, built while the main thread compiles the model."""
+    batches = train_batches(mixture_or_task_name, lengths, batch_size, seed,
+                            skip=resume_step or 0, shuffle=shuffle)
+    first = next(batches)
+    sets = None
+    if eval_period is not None:
+      sets = evaluation.eval_sets(mixture_or_task_name, eval_split, lengths,
+                                  eval_batch_size, eval_max_examples)
+    return itertools.chain([first], batches), sets
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    data_future = pool.submit(prepare_data)
+    try:
+      run = build_run(model_dir=model_dir, config=model_config,
+                      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=lengths,
+                      settings=settings, num_partitions=num_partitions, seed=seed,
+                      store=store, initial_checkpoint_path=initial_checkpoint_path)
+    finally:
+      batches, eval_data = data_future.result()
   start = run.start_step
+  if start != (resume_step or 0):
+    raise ValueError(f'{model_dir}/checkpoint_{resume_step} holds step {start}; '
+                     'the checkpoint directory name and its contents disagree')
   log(f'Starting at step {start} from {run.restored_from}')
-  batches = train_batches(mixture_or_task_name, lengths, batch_size, seed, skip=start,
-                          shuffle=shuffle)
   evaluator = None
   if eval_period is not None:
     evaluator = evaluation.Evaluator(
-        run, mixture_or_task_name, lengths, split=eval_split,
-        batch_size=eval_batch_size or batch_size, max_examples=eval_max_examples,
-        model_dir=model_dir)
+        run, mixture_or_task_name, lengths, split=eval_split, batch_size=eval_batch_size,
+        max_examples=eval_max_examples, model_dir=model_dir, sets=eval_data)
   # Nothing has been written so far; from here on MODEL_DIR is ours.
   save_config_files(model_dir, model_config, config_str, start)
   logger = metrics_logging.MetricsLogger(model_dir, tensorboard=tensorboard,
                                          is_chief=_is_chief())
   step_fn = train_state.make_train_step(run.model, run.optimizer, run.mesh, run.shardings,
-                                        freeze=settings.freeze, rules=run.rules,
-                                        schedule=run.schedule)
+                                        freeze=settings.freeze, schedule=run.schedule)
   rng = jax.random.PRNGKey(seed)  # dropout key: fold_in(rng, step) inside the step
+  fingerprint = train_state.config_fingerprint(model_config)
   state = run.state
   tokens_per_step = batch_size * (lengths['inputs'] + lengths['targets'])
   throughput = metrics_logging.Throughput(start)
   pending: list = []  # (step, metrics) on device since the last check
-  last_saved = start if run.store.latest_step() == start else None
   last_good_ckpt = run.store.latest_step()
   summary = {'model_dir': model_dir, 'start_step': start, 'final_step': start}
   seconds_to_first_step = None
@@ -393,15 +439,14 @@ def train(*,
           eval_period and done % eval_period == 0):
         check_and_log(done)
       if done % save_period == 0 or is_last:
-        run.store.save(done, state, {'data_batches': done, 'batch_size': batch_size})
-        last_saved = last_good_ckpt = done
+        run.store.save(done, state, {'data_batches': done, 'batch_size': batch_size,
+                                     'fingerprint': fingerprint})
+        last_good_ckpt = done
       if evaluator is not None and (
           (eval_period and done % eval_period == 0) or is_last):
         evaluator.run(state.params, done, logger)
     if start >= train_steps:
       log(f'Nothing to do: MODEL_DIR is already at step {start} >= TRAIN_STEPS {train_steps}')
-    elif last_saved != train_steps:  # pragma: no cover - saved in the loop
-      run.store.save(train_steps, state, {'data_batches': train_steps})
   finally:
     if hasattr(run.store, 'wait'):
       run.store.wait()
