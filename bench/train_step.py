@@ -6,9 +6,9 @@
 For every combination of the list flags (sizes × methods × freeze × attention
 implementations × remat policies) it builds the model, optimizer and sharded
 train state with the project's own code (`models`, `optim`, `partitioning`,
-`train_state`), compiles `make_train_step(...)` ahead of time (the compile time
-is reported on its own), runs `--warmup` untimed steps, then `--steps` timed
-ones. Each timed step is synchronised by `block_until_ready` on its loss and on
+`train_state`), calls the step function `make_train_step(...)` returns, as the
+trainer does (its first call compiles: compile_s = first call − median step),
+runs `--warmup` untimed steps, then `--steps` timed ones. Each timed step is synchronised by `block_until_ready` on its loss and on
 nothing else; batches and per-step RNG keys are on the device before the loop,
 so the loop does no other host transfer. The train state is threaded through,
 as the step donates it.
@@ -16,10 +16,10 @@ as the step donates it.
 Reported per configuration (table on stdout, JSON in --out): step ms (median,
 p10, p90), tokens/s (input + target positions, padding included, as computed),
 model TFLOP/s (bench/flops.py), peak memory (the device's `peak_bytes_in_use`
-where the backend reports it; on the CPU the process's peak RSS, cumulative over
-the configurations run in this process: `peak_memory_source` says which), XLA's
-own estimate for the compiled step, compile time, and the overhead of each
-method against 'none' with the same other settings in the same run.
+where the backend reports it; on the CPU the process's peak RSS; both cumulative
+over the configurations run in one process: `peak_memory_source` says which),
+compile time, and the overhead of each method against 'none' with the same
+other settings in the same run.
 
 Imports JAX, Flax, optax and the project's model/step modules only: no gin,
 seqio or TensorFlow (the GPU machine has none of them).
@@ -73,6 +73,7 @@ class BenchConfig:
   num_tasks: int = 8
   dropout_rate: float = 0.1
   learning_rate: float = 1e-4
+  weight_decay: float = 0.01  # torch.optim.AdamW's default, so the peer matches
   warmup: int = 3
   steps: int = 10
   num_batches: int = 2  # distinct device batches the loop rotates through
@@ -132,23 +133,14 @@ def _peak_memory():
           'process_peak_rss (cumulative over this process)')
 
 
-def _xla_memory_estimate(compiled) -> Optional[int]:
-  """XLA's own footprint of the compiled step (arguments + outputs + temporaries − aliased)."""
-  try:
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except  (not every backend / wrapper has it)
-    return None
-
-
 def _count(tree) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
 def build(cfg: BenchConfig):
-  """Builds (config, model, optimizer, mesh, state, step_fn) with the project's code."""
+  """Builds (config, mesh, state, step_fn) with the project's own code, as the trainer does."""
+  import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from hyperprompt_t5x import models, network, optim, partitioning, train_state  # pylint: disable=g-import-not-at-top
 
@@ -161,18 +153,21 @@ def build(cfg: BenchConfig):
     overrides['prompt_length'] = cfg.prompt_length
   config = network.T5Config.from_size(cfg.size, **overrides)
   model = models.EncoderDecoderModel(config)
-  schedule = optim.make_schedule(name='constant', learning_rate=cfg.learning_rate)
+  schedule = optim.make_schedule('constant', cfg.learning_rate)
   mesh = partitioning.make_mesh(1)
   rules = partitioning.standard_logical_axis_rules()
-  rng = jax.random.PRNGKey(cfg.seed)
-
-  def optimizer_for(params):
-    return optim.make_optimizer(name=cfg.optimizer, schedule=schedule, params=params,
-                                freeze=cfg.freeze)
+  abstract_params = flax.core.unfreeze(
+      model.init_abstract(1, cfg.inputs_len, cfg.targets_len)['params'])
+  optimizer = optim.make_optimizer(cfg.optimizer, schedule, params=abstract_params,
+                                   freeze=cfg.freeze, weight_decay=cfg.weight_decay)
+  # Parameters are initialised from an 'unsafe_rbg' key: their values do not matter
+  # here, and XLA:CPU compiles a threefry init of the whole tree several times slower
+  # (59 s vs 11 s for 'tiny' on 2 loaded cores). Dropout keys use --prng_impl.
+  init_key = jax.random.key(cfg.seed, impl='unsafe_rbg')
   state, shardings = train_state.create_train_state(
-      model, optimizer_for, rng, mesh, rules, cfg.inputs_len, cfg.targets_len)
-  step_fn = train_state.make_train_step(model, optimizer_for, mesh, shardings)
-  return config, model, mesh, state, step_fn
+      model, optimizer, init_key, mesh, rules, cfg.inputs_len, cfg.targets_len)
+  step_fn = train_state.make_train_step(model, optimizer, mesh, shardings, freeze=cfg.freeze)
+  return config, mesh, state, step_fn
 
 
 def run_one(cfg: BenchConfig) -> Dict[str, Any]:
@@ -181,7 +176,7 @@ def run_one(cfg: BenchConfig) -> Dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from hyperprompt_t5x import partitioning, optim  # pylint: disable=g-import-not-at-top
 
-  config, _, mesh, state, step_fn = build(cfg)
+  config, mesh, state, step_fn = build(cfg)
   np_rng = np.random.default_rng(cfg.seed)
   batches = [partitioning.shard_batch(
       synthetic_batch(np_rng, cfg.batch, cfg.inputs_len, cfg.targets_len,
@@ -196,22 +191,17 @@ def run_one(cfg: BenchConfig) -> Dict[str, Any]:
   num_trainable = int(sum(x.size for x, m in zip(jax.tree_util.tree_leaves(state.params),
                                                  jax.tree_util.tree_leaves(mask)) if m))
 
-  # Ahead-of-time compile, so that compile time is measured on its own.
+  # The first call compiles (and runs one step): compile_s = first call − median step.
   t0 = time.perf_counter()
-  if hasattr(step_fn, 'lower'):
-    compiled = step_fn.lower(state, batches[0], keys[0]).compile()
-  else:  # a plain function around a jit: the first call compiles (and runs once)
-    compiled = step_fn
-    state, metrics = compiled(state, batches[0], keys[0])
-    jax.block_until_ready(metrics['loss'])
-  compile_s = time.perf_counter() - t0
-  xla_bytes = _xla_memory_estimate(compiled)
+  state, metrics = step_fn(state, batches[0], keys[0])
+  metrics['loss'].block_until_ready()
+  first_call_s = time.perf_counter() - t0
 
   times = []
   loss = None
   for i in range(n_total):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batches[i % len(batches)], keys[i + 1])
+    state, metrics = step_fn(state, batches[i % len(batches)], keys[i + 1])
     loss = metrics['loss'].block_until_ready()
     if i >= cfg.warmup:
       times.append(time.perf_counter() - t0)
@@ -239,8 +229,7 @@ def run_one(cfg: BenchConfig) -> Dict[str, Any]:
       'tokens_per_s': cfg.batch * (cfg.inputs_len + cfg.targets_len) / median_s,
       'model_flops_per_step': flops, 'model_tflops_per_s': flops / median_s / 1e12,
       'peak_memory_bytes': peak, 'peak_memory_source': peak_source,
-      'xla_memory_estimate_bytes': xla_bytes,
-      'compile_s': compile_s, 'overhead_vs_none_pct': None, 'final_loss': final_loss,
+      'compile_s': max(0.0, first_call_s - median_s), 'first_call_s': first_call_s, 'overhead_vs_none_pct': None, 'final_loss': final_loss,
       'error': None,
   }
 
@@ -271,6 +260,7 @@ def environment() -> Dict[str, Any]:
       'platform': platform.platform(), 'python': platform.python_version(),
       'jax': jax.__version__, 'flax': flax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'prng_impl': str(jax.config.jax_default_prng_impl),
   }
 
 
@@ -307,6 +297,42 @@ def write_json(path: pathlib.Path, meta: Dict[str, Any], results: List[Dict[str,
   os.replace(tmp, path)
 
 
+def summarize(out_dir) -> str:
+  """Merges every <job>.json in out_dir into summary.json; returns the table and ratios.
+
+  Ratios: the peer's full fine-tuning step time over ours (same size, batch and
+  lengths; default attention and remat) for each of our methods, i.e. our speed-up.
+  """
+  out_dir = pathlib.Path(out_dir)
+  rows, metas = [], {}
+  for path in sorted(out_dir.glob('*.json')):
+    if path.name == 'summary.json':
+      continue
+    try:
+      data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      rows.append({'impl': path.stem, 'error': f'unreadable {path.name}: {e}'})
+      continue
+    metas[path.stem] = data.get('meta', {})
+    rows.extend(dict(r, job=path.stem) for r in data.get('results', []))
+  write_json(out_dir / 'summary.json', metas, rows)
+  lines = [format_table(rows), '']
+  shape = ('size', 'batch', 'inputs_len', 'targets_len')
+  peers = {tuple(r.get(k) for k in shape): r for r in rows
+           if r.get('impl', '').startswith('hf_') and r.get('method') == 'none'
+           and r.get('error') is None}
+  for r in rows:
+    if (r.get('impl', '').startswith('hyperprompt') and r.get('error') is None
+        and r.get('attention_impl') == 'xla' and r.get('remat_policy') == 'none'):
+      peer = peers.get(tuple(r.get(k) for k in shape))
+      if peer:
+        lines.append(
+            f"{r['size']} b{r['batch']} {r['inputs_len']}/{r['targets_len']} {r['method']:<13}"
+            f" {r['step_ms_median']:8.1f} ms vs HF full {peer['step_ms_median']:8.1f} ms:"
+            f" {peer['step_ms_median'] / r['step_ms_median']:5.2f}x the peer's throughput")
+  return '\n'.join(lines)
+
+
 def _csv(kind, choices=None):
   def parse(text):
     items = [kind(x) for x in text.split(',') if x]
@@ -337,9 +363,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--prompt_length', type=int, default=None)
   p.add_argument('--num_tasks', type=int, default=8)
   p.add_argument('--dropout_rate', type=float, default=0.1)
+  p.add_argument('--weight_decay', type=float, default=0.01)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--prng_impl', default=None,
+                 help="jax_default_prng_impl for the dropout keys: threefry2x32 (JAX's "
+                      "default) | rbg | unsafe_rbg")
   p.add_argument('--time_budget_s', type=float, default=None,
                  help='skip the configurations not started within this many seconds')
   p.add_argument('--out', type=pathlib.Path, default=None, help='JSON output file')
@@ -358,19 +388,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def configs_from_args(args: argparse.Namespace) -> List[BenchConfig]:
   """The cartesian product of the list flags, 'none' first within each group."""
   methods = sorted(args.methods, key=lambda m: m != 'none')
+  # 'none' has no conditioning parameters: freeze='conditioning' would train nothing.
   return [BenchConfig(size=size, method=method, freeze=freeze, optimizer=args.optimizer,
                       batch=args.batch, inputs_len=args.inputs_len,
                       targets_len=args.targets_len, dtype=args.dtype, attention_impl=attn,
                       remat_policy=remat, embedding_lookup=args.embedding_lookup,
                       prompt_length=args.prompt_length, num_tasks=args.num_tasks,
-                      dropout_rate=args.dropout_rate, warmup=args.warmup, steps=args.steps,
+                      dropout_rate=args.dropout_rate, weight_decay=args.weight_decay,
+                      warmup=args.warmup, steps=args.steps,
                       seed=args.seed)
           for size, freeze, attn, remat, method in itertools.product(
-              args.sizes, args.freeze, args.attention_impls, args.remat_policies, methods)]
+              args.sizes, args.freeze, args.attention_impls, args.remat_policies, methods)
+          if not (method == 'none' and freeze != 'all')]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   args = parse_args(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.prng_impl is not None:
+    jax.config.update('jax_default_prng_impl', args.prng_impl)
   meta = dict(environment(), argv=list(sys.argv[1:] if argv is None else argv),
               flops_formula='bench/flops.py (frozen weights: no weight-gradient FLOPs)')
   results: List[Dict[str, Any]] = []

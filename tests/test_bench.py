@@ -146,29 +146,32 @@ _BLOCKED_RUN = textwrap.dedent('''
 
 def test_bench_runs_tiny_end_to_end_without_gin_seqio_tf(tmp_path):
   out = tmp_path / 'bench.json'
-  args = ['--sizes=tiny', '--methods=none,global', '--batch=2', '--inputs_len=16',
+  args = ['--sizes=tiny', '--methods=global', '--batch=2', '--inputs_len=16',
           '--targets_len=8', '--warmup=2', '--steps=3', f'--out={out}']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  # Compile fast (unoptimised XLA:CPU code, rbg dropout keys): only plumbing is checked.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             JAX_DEFAULT_PRNG_IMPL='unsafe_rbg',
+             XLA_FLAGS='--xla_backend_optimization_level=0 '
+                       '--xla_llvm_disable_expensive_passes=true')
   proc = subprocess.run([sys.executable, '-c', _BLOCKED_RUN, str(REPO)] + args,
                         capture_output=True, text=True, env=env, timeout=240, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'LOADED []' in proc.stdout
   data = json.loads(out.read_text())
   assert data['meta']['backend'] == 'cpu'
-  results = data['results']
-  assert [r['method'] for r in results] == ['none', 'global']
-  for r in results:
-    assert r['error'] is None, r['error']
-    assert all(k in r for k in REQUIRED_KEYS)
-    assert r['steps'] == 3 and r['warmup'] == 2
-    assert 0 < r['step_ms_p10'] <= r['step_ms_median'] <= r['step_ms_p90']
-    assert r['tokens_per_s'] == pytest.approx(2 * 24 / (r['step_ms_median'] / 1e3))
-    assert r['peak_memory_bytes'] > 0 and r['compile_s'] > 0
-    assert np.isfinite(r['final_loss'])
-  none, glob = results
-  assert none['overhead_vs_none_pct'] == 0.0
-  assert glob['overhead_vs_none_pct'] == pytest.approx(
-      100 * (glob['step_ms_median'] / none['step_ms_median'] - 1))
-  # HyperPrompt adds parameters and prompt columns; the FLOPs say so.
-  assert glob['num_params'] > none['num_params']
-  assert glob['model_flops_per_step'] > none['model_flops_per_step']
+  (r,) = data['results']
+  assert r['method'] == 'global' and r['error'] is None, r.get('error')
+  assert all(k in r for k in REQUIRED_KEYS)
+  assert r['steps'] == 3 and r['warmup'] == 2
+  assert 0 < r['step_ms_p10'] <= r['step_ms_median'] <= r['step_ms_p90']
+  assert r['tokens_per_s'] == pytest.approx(2 * 24 / (r['step_ms_median'] / 1e3))
+  assert r['peak_memory_bytes'] > 0 and r['compile_s'] >= 0
+  assert np.isfinite(r['final_loss'])
+  # The FLOPs are the formula's for this config (tiny shapes, the config's prompt length).
+  from hyperprompt_t5x import network
+  config = network.T5Config.from_size('tiny', method='global')
+  expected = flops.method_train_flops(
+      flops.Dims.from_config(config), 'global', batch=2, inputs_len=16, targets_len=8,
+      prompt_length=config.prompt_length)['total']
+  assert r['model_flops_per_step'] == expected
+  assert r['model_tflops_per_s'] == pytest.approx(expected / (r['step_ms_median'] / 1e3) / 1e12)
