@@ -171,6 +171,14 @@ def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.
 
 # -- steps --------------------------------------------------------------------
 
+def _global_norm(tree) -> jax.Array:
+  """sqrt of the sum of squares over all leaves (optax.tree.norm where it exists)."""
+  tree_lib = getattr(optax, 'tree', None)
+  if tree_lib is not None and hasattr(tree_lib, 'norm'):
+    return tree_lib.norm(tree)
+  return optax.global_norm(tree)
+
+
 @contextlib.contextmanager
 def _activation_context(mesh: Mesh, activation_rules):
   """Mesh + logical rules for the network's activation constraints, if asked for.
@@ -220,14 +228,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
       def loss_of(params):
         return model.loss_fn(params, batch, dropout_rng)
       (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-      grad_norm = optax.global_norm(grads)
+      grad_norm = _global_norm(grads)
     else:
       trainable, frozen = _split(state.params, mask)
 
       def loss_of(train_params):
         return model.loss_fn(_merge(train_params, frozen, mask), batch, dropout_rng)
       (_, metrics), train_grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-      grad_norm = optax.global_norm(train_grads)
+      grad_norm = _global_norm(train_grads)
       # The optimizer routes frozen leaves to set_to_zero; zeros are never read.
       grads = _merge(train_grads, jax.tree_util.tree_map(jnp.zeros_like, frozen), mask)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -344,8 +352,11 @@ class CheckpointStore:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, step_prefix='checkpoint', create=True,
         enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(str(self.directory), options=options,
-                                          item_names=('state', 'extra'))
+    # Handlers named up front, so a fresh manager reads existing checkpoints.
+    self._manager = ocp.CheckpointManager(
+        str(self.directory), options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'extra': ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list:
     return sorted(self._manager.all_steps(read=True))

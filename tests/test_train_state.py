@@ -1,0 +1,275 @@
+"""Train state, sharded train step, freeze modes, orbax checkpoints (train_state.py).
+
+Multi-device and multi-process runs happen in subprocesses (tests/step_helpers.py)
+because JAX's device set-up is fixed once per process.
+"""
+import hashlib
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hyperprompt_t5x import models, optim, partitioning, train_state
+from tests import step_helpers
+
+HELPER = pathlib.Path(step_helpers.__file__).resolve()
+# O0 codegen: these subprocesses check numerics, and XLA's CPU compile time dominates.
+FAST_XLA = '--xla_backend_optimization_level=0'
+
+
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(HELPER.parents[1]))
+  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    env.pop(k, None)
+  env.update(extra)
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_data4_model2_mesh_matches_one_device(tmp_path):
+  """5 steps of HyperPrompt-Global (float32, dropout 0.1) on 8 host devices vs 1.
+
+  Tolerance: losses rtol 1e-5, final params max |diff| 1e-5 (float32 reductions
+  run in another order when sharded; observed ~5e-7).
+  """
+  out = tmp_path / 'sharding.json'
+  proc = subprocess.run(
+      [sys.executable, str(HELPER), 'sharding', str(out)],
+      env=_env(XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {FAST_XLA}'),
+      capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  r = json.loads(out.read_text())
+  assert r['mesh'] == {'data': 4, 'model': 2}
+  # Parameters really are sharded on the model axis.
+  assert r['specs']['encoder/layers_0/mlp/wi_0/kernel'] == "P(None, 'model')"
+  assert r['specs']['token_embedder/embedding'] == "P('model', None)"
+  assert len(r['losses8']) == 5 and len(set(r['losses8'])) > 1
+  np.testing.assert_allclose(r['losses8'], r['losses1'], rtol=1e-5)
+  assert r['param_diff'] < 1e-5
+
+
+def test_two_processes_agree_with_each_other_and_one_process(tmp_path):
+  """jax.distributed on localhost (gloo), 2 processes x 2 devices, each feeding
+  half of every batch, vs one process with 4 devices and the full batches."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = _env(XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {FAST_XLA}',
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, str(HELPER), 'process',
+                                   str(tmp_path / f'p{i}.json')], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  ref = subprocess.Popen(
+      [sys.executable, str(HELPER), 'process', str(tmp_path / 'ref.json')],
+      env=_env(XLA_FLAGS=f'--xla_force_host_platform_device_count=4 {FAST_XLA}'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    errors = [p.communicate(timeout=400)[1] for p in procs + [ref]]
+  finally:
+    for p in procs + [ref]:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs + [ref], errors):
+    assert p.returncode == 0, err[-4000:]
+  r0, r1, rr = (json.loads((tmp_path / f).read_text()) for f in ('p0.json', 'p1.json',
+                                                                   'ref.json'))
+  assert r0['distributed'] and r0['process_count'] == 2 and r0['devices'] == 4
+  assert not rr['distributed'] and rr['process_count'] == 1
+  assert r0['losses'] == r1['losses'] and r0['checksum'] == r1['checksum']
+  np.testing.assert_allclose(r0['losses'], rr['losses'], rtol=1e-5)
+  np.testing.assert_allclose(r0['checksum'], rr['checksum'], rtol=1e-5)
+
+
+# -- in-process: one device -------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def setup():
+  model = models.EncoderDecoderModel(step_helpers.tiny_config('global'), z_loss=1e-4)
+  params = step_helpers.numpy_params(model, seed=0)
+  mesh = partitioning.make_mesh(1)
+  rules = partitioning.standard_logical_axis_rules()
+  return model, params, mesh, rules
+
+
+def _run(setup, freeze, steps, batches, lr=1e-2, name='adafactor'):
+  model, params, mesh, rules = setup
+  schedule = optim.make_schedule('constant', lr)
+  tx = optim.make_optimizer(name, schedule, params=params, freeze=freeze)
+  state, shardings = train_state.create_train_state(
+      model, tx, jax.random.PRNGKey(0), mesh, rules, step_helpers.INPUT_LEN,
+      step_helpers.TARGET_LEN, initial_params=params)
+  step = train_state.make_train_step(model, tx, mesh, shardings, freeze=freeze,
+                                     schedule=schedule)
+  losses = []
+  for i in range(steps):
+    state, metrics = step(state, partitioning.shard_batch(batches[i % len(batches)], mesh))
+    losses.append(metrics['loss'])
+  return state, shardings, [float(x) for x in jax.device_get(losses)], metrics, tx
+
+
+def _leaves_by_path(tree):
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                   for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_overfits_a_tiny_batch(setup):
+  batch = step_helpers.make_batch(11, batch=4)
+  state, _, losses, metrics, _ = _run(setup, 'all', 25, [batch], lr=3e-2)
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(state.step) == 25
+  assert float(metrics['learning_rate']) == pytest.approx(3e-2)
+  assert np.isfinite(float(metrics['grad_norm']))
+
+
+@pytest.mark.parametrize('freeze,trained_prefix', [
+    ('conditioning', 'task_conditioning/'), ('prompts', 'task_conditioning/prompts')])
+def test_freeze_modes_keep_frozen_params_bit_identical(setup, freeze, trained_prefix):
+  _, params, _, _ = setup
+  batches = [step_helpers.make_batch(s) for s in range(3)]
+  state, _, losses, _, _ = _run(setup, freeze, 3, batches)
+  before = _leaves_by_path(params)
+  after = _leaves_by_path(jax.device_get(state.params))
+  assert before.keys() == after.keys()
+  trained = [k for k in before if k.startswith(trained_prefix)]
+  assert trained and len(trained) < len(before)
+  for k in before:
+    if k.startswith(trained_prefix):
+      assert not np.array_equal(before[k], after[k]), f'{k} did not train'
+    else:
+      assert np.array_equal(before[k], after[k]), f'frozen {k} changed'
+      assert before[k].tobytes() == np.asarray(after[k]).tobytes()
+  # The optimizer state holds nothing for frozen parameters.
+  state_paths = list(_leaves_by_path(state.opt_state))
+  assert state_paths
+  frozen_names = [k for k in before if not k.startswith(trained_prefix)]
+  for sp in state_paths:
+    assert not any(sp.endswith(f) for f in frozen_names), sp
+  assert any(sp.endswith(trained[0]) for sp in state_paths)
+
+
+def _dir_digest(path):
+  digest = {}
+  for f in sorted(pathlib.Path(path).rglob('*')):
+    if f.is_file():
+      digest[str(f.relative_to(path))] = hashlib.sha256(f.read_bytes()).hexdigest()
+  return digest
+
+
+@pytest.fixture(scope='module')
+def trained(setup):
+  """A state after 2 AdamW steps (non-trivial optimizer state) and its shardings."""
+  batches = [step_helpers.make_batch(s) for s in range(2)]
+  state, shardings, _, _, tx = _run(setup, 'all', 2, batches, name='adamw')
+  return state, shardings, tx
+
+
+def test_checkpoint_round_trip_keep_n_and_no_overwrite(trained, tmp_path):
+  state, shardings, _ = trained
+  store = train_state.CheckpointStore(tmp_path, keep=2)
+  assert store.latest_step() is None
+  extra = {'data_batches': 2, 'fingerprint': 'abc', 'nested': {'x': [1, 2]}}
+  for step in (1, 2, 3):
+    store.save(step, state, dict(extra, step=step))
+  assert store.all_steps() == [2, 3] and store.latest_step() == 3
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('checkpoint_')) == [
+      'checkpoint_2', 'checkpoint_3']
+  target = train_state.abstract_with_shardings(
+      jax.eval_shape(lambda s: s, state), shardings)
+  restored, got_extra = store.restore(3, target)
+  assert got_extra == dict(extra, step=3)
+  a, b = _leaves_by_path(jax.device_get(state)), _leaves_by_path(jax.device_get(restored))
+  assert a.keys() == b.keys() and len(a) > 10
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+  for x, s in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(shardings)):
+    assert x.sharding == s
+  before = _dir_digest(tmp_path)
+  with pytest.raises(train_state.CheckpointError, match='already exists'):
+    store.save(3, state, {})
+  with pytest.raises(TypeError, match='JSON'):
+    store.save(4, state, {'bad': object()})
+  assert _dir_digest(tmp_path) == before
+
+
+def test_restore_from_a_different_model_is_one_clear_error(trained, setup, tmp_path):
+  state, _, tx = trained
+  store = train_state.CheckpointStore(tmp_path)
+  store.save(2, state, {})
+  before = _dir_digest(tmp_path)
+  # Same family, 4 tasks instead of 3: conditioning tables differ in shape.
+  other = models.EncoderDecoderModel(step_helpers.tiny_config('global', num_tasks=4))
+  mesh, rules = setup[2], setup[3]
+  other_tx = optim.make_optimizer('adamw', 1e-3, params=other.init_abstract(1, 8, 4)['params'])
+  abstract, shardings = train_state.state_shardings_for(other, other_tx, mesh, rules, 8, 4)
+  with pytest.raises(train_state.CheckpointMismatchError) as info:
+    train_state.CheckpointStore(tmp_path).restore(
+        2, train_state.abstract_with_shardings(abstract, shardings))
+  msg = str(info.value)
+  assert str(tmp_path / 'checkpoint_2') in msg
+  assert 'params/task_conditioning/prompts' in msg and '(3, 2, 16)' in msg
+  # Another method: whole subtrees missing / unexpected.
+  share = models.EncoderDecoderModel(step_helpers.tiny_config('share'))
+  share_tx = optim.make_optimizer('adamw', 1e-3, params=share.init_abstract(1, 8, 4)['params'])
+  abstract, shardings = train_state.state_shardings_for(share, share_tx, mesh, rules, 8, 4)
+  with pytest.raises(train_state.CheckpointMismatchError, match='missing .*key_down'):
+    train_state.CheckpointStore(tmp_path).restore(
+        2, train_state.abstract_with_shardings(abstract, shardings))
+  assert _dir_digest(tmp_path) == before
+  with pytest.raises(train_state.CheckpointError, match='no checkpoint for step 7'):
+    train_state.CheckpointStore(tmp_path).restore(7, state)
+
+
+def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
+  state, shardings, _ = trained
+  store = train_state.CheckpointStore(tmp_path)
+  store.save(5, state, {'data_batches': 5})
+  ckpt = tmp_path / 'checkpoint_5'
+  data_files = [f for f in ckpt.rglob('*') if f.is_file() and '/d/' in str(f)]
+  assert data_files
+  for f in data_files:  # Cut every array data file in half.
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  before = _dir_digest(tmp_path)
+  target = train_state.abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
+  with pytest.raises(train_state.CheckpointCorruptError, match=str(ckpt)):
+    train_state.CheckpointStore(tmp_path).restore(5, target)
+  assert _dir_digest(tmp_path) == before
+  # Damaged metadata as well.
+  (ckpt / 'state' / '_METADATA').write_text('{not json')
+  with pytest.raises(train_state.CheckpointCorruptError, match=str(ckpt)):
+    train_state.CheckpointStore(tmp_path).restore(5, target)
+
+
+def test_eval_step_matches_loss_fn(trained, setup):
+  state, shardings, _ = trained
+  model, _, mesh, _ = setup
+  batch = step_helpers.make_batch(21)
+  eval_fn = train_state.make_eval_step(model, mesh, shardings)
+  metrics = jax.device_get(eval_fn(state.params, partitioning.shard_batch(batch, mesh)))
+  loss, _ = jax.jit(model.loss_fn)(state.params, batch, None)
+  np.testing.assert_allclose(metrics['loss'], float(loss), rtol=1e-5)
+  assert metrics['scores'].shape == (8,)
+  assert np.all(metrics['scores'] <= 0)
+
+
+def test_create_train_state_rejects_wrong_initial_params(setup):
+  model, params, mesh, rules = setup
+  tx = optim.make_optimizer('adafactor', 1e-3, params=params)
+  bad = jax.tree_util.tree_map(lambda x: x, params)
+  bad['token_embedder']['embedding'] = np.zeros((3, 3), np.float32)
+  del bad['task_conditioning']['prompts']
+  with pytest.raises(ValueError, match=r'initial_params do not match.*prompts.*embedding'):
+    train_state.create_train_state(model, tx, jax.random.PRNGKey(0), mesh, rules, 8, 4,
+                                   initial_params=bad)
