@@ -135,3 +135,24 @@ def test_converter_pads_and_keeps_task_id():
   np.testing.assert_array_equal(out['decoder_input_tokens'], [0, 7, 1])
   np.testing.assert_array_equal(out['decoder_loss_weights'], [1, 1, 0])
   assert out['task_ids'] == 4
+
+
+def test_super_glue_eval_scores_decoded_targets_100(shared_data, tmp_path):
+  """Every SuperGLUE eval set (real CB/COPA/RTE/WiC, fixtures for the rest): decoded
+  target tokens scored as predictions give 100 on every metric, ids 0..7 in order."""
+  for folder in ('CB', 'COPA', 'RTE', 'WiC'):
+    os.symlink(shared_data / 'super_glue' / folder, tmp_path / folder)
+  for folder in ('BoolQ', 'MultiRC', 'ReCoRD', 'WSC'):
+    os.symlink(os.path.join(FIXTURES, 'super_glue', folder), tmp_path / folder)
+  tasks.set_data_dirs(super_glue_dir=tmp_path)
+  evals = tasks.get_eval_datasets('hyperprompt_super_glue', 'validation',
+                                  {'inputs': 48, 'targets': 16}, batch_size=64)
+  assert [e.task_id for e in evals] == list(range(8))
+  # ReCoRD is scored once per query (2), not once per answer (3).
+  assert {e.name: e.num_examples for e in evals}['hyperprompt_super_glue_record'] == 2
+  for e in evals:
+    batches = list(e.dataset.as_numpy_iterator())
+    assert all((b['task_ids'] == e.task_id).all() for b in batches)
+    tgt = np.concatenate([b['decoder_target_tokens'] for b in batches])
+    results = tasks.compute_metrics(e.name, e.targets, tasks.decode_predictions(e.name, tgt))
+    assert results and all(v == 100.0 for v in results.values()), (e.name, results)
