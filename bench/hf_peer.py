@@ -117,8 +117,12 @@ def run_one(cfg: PeerConfig) -> Dict[str, Any]:
       import peft  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise Skipped(f'skipped: peft is not importable ({e})') from None
+    # PEFT would take token_dim = d_model, wrong where heads·head_dim != d_model
+    # (T5 1.1 small: 6·64 != 512); give the key/value width explicitly.
     model = peft.get_peft_model(model, peft.PrefixTuningConfig(
-        task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_length))
+        task_type=peft.TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt_length,
+        token_dim=dims.num_heads * dims.head_dim, num_attention_heads=dims.num_heads,
+        num_layers=dims.num_decoder_layers))
     num_params = sum(p.numel() for p in model.parameters())
   model.to(device)
   model.train()

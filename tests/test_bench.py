@@ -175,3 +175,30 @@ def test_bench_runs_tiny_end_to_end_without_gin_seqio_tf(tmp_path):
       prompt_length=config.prompt_length)['total']
   assert r['model_flops_per_step'] == expected
   assert r['model_tflops_per_s'] == pytest.approx(expected / (r['step_ms_median'] / 1e3) / 1e12)
+
+
+def test_hf_peer_tiny_same_keys_and_untied(tmp_path):
+  torch = pytest.importorskip('torch', reason='the HF peer needs torch (requirements-test)')
+  pytest.importorskip('transformers', reason='the HF peer needs transformers')
+  from bench import hf_peer
+  torch.set_num_threads(1)
+  model, note = hf_peer.build_hf_model(TINY, dropout_rate=0.1)
+  assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr(), note
+  assert tuple(model.lm_head.weight.shape) == (32, 8)
+  out = tmp_path / 'hf.json'
+  results = hf_peer.main(['--sizes=tiny', '--modes=full,peft_prefix', '--batch=2',
+                          '--inputs_len=16', '--targets_len=8', '--warmup=2', '--steps=3',
+                          '--device=cpu', f'--out={out}'])
+  data = json.loads(out.read_text())
+  assert data['results'] == json.loads(json.dumps(results, default=str))
+  full, prefix = data['results']
+  assert full['error'] is None and all(k in full for k in REQUIRED_KEYS)
+  assert 0 < full['step_ms_p10'] <= full['step_ms_median'] <= full['step_ms_p90']
+  assert full['num_trainable_params'] == full['num_params']
+  try:
+    import peft  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    assert prefix['error'].startswith('skipped: peft is not importable')
+  else:
+    assert prefix['error'] is None
+    assert 0 < prefix['num_trainable_params'] < prefix['num_params']
