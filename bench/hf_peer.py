@@ -111,6 +111,7 @@ def run_one(cfg: PeerConfig) -> Dict[str, Any]:
     device = torch.device(cfg.device)
   torch.manual_seed(cfg.seed)
   model, output_note = build_hf_model(dims, cfg.dropout_rate)
+  base_config = model.config
   num_params = sum(p.numel() for p in model.parameters())
   if cfg.mode == 'peft_prefix':
     try:
@@ -186,7 +187,8 @@ def run_one(cfg: PeerConfig) -> Dict[str, Any]:
       'method': 'none' if full else 'peft_prefix', 'freeze': 'all' if full else 'backbone',
       'optimizer': 'adamw' + (' (fused)' if cfg.fused_adamw else ''), 'batch': cfg.batch,
       'inputs_len': cfg.inputs_len, 'targets_len': cfg.targets_len,
-      'dtype': 'bfloat16 autocast', 'attention_impl': 'eager', 'remat_policy': 'none',
+      'dtype': 'bfloat16 autocast', 'remat_policy': 'none',
+      'attention_impl': str(getattr(base_config, '_attn_implementation', None) or 'eager'),
       'embedding_lookup': 'torch.nn.Embedding', 'prompt_length': 0 if full else prompt_length,
       'dropout_rate': cfg.dropout_rate, 'output_layer': output_note,
       'num_params': int(num_params), 'num_trainable_params': int(sum(p.numel() for p in trainable)),

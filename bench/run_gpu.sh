@@ -71,11 +71,15 @@ job hf_base "$CAP_HF" hf_peer.py "${BASE[@]}" --modes=full,peft_prefix
 # 3. Large, batch 32, HyperPrompt-Global; then its peer.
 job jax_large "$CAP_JAX" train_step.py "${LARGE[@]}" --methods=global --freeze=all
 job hf_large "$CAP_HF" hf_peer.py "${LARGE[@]}" --modes=full,peft_prefix
-# 4. Variants of base Global: fused attention, then rematerialisation.
+# 4. Variants of base Global. The fused paths have no attention-weight dropout, so
+#    layers.py uses the einsum path while dropout is on: compare them at dropout 0.
 job jax_base_attention "$CAP_JAX" train_step.py "${BASE[@]}" --methods=global --freeze=all \
-    --attention_impls=dot_product_attention,cudnn
+    --dropout_rate=0.0 --attention_impls=xla,cudnn,dot_product_attention
 job jax_base_remat "$CAP_JAX" train_step.py "${BASE[@]}" --methods=global --freeze=all \
     --remat_policies=dots,full
+# 5. Dropout keys from the rbg generator instead of threefry.
+job jax_base_rbg "$CAP_JAX" train_step.py "${BASE[@]}" --methods=global --freeze=all \
+    --prng_impl=unsafe_rbg
 
 "$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import sys

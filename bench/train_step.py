@@ -170,68 +170,89 @@ def build(cfg: BenchConfig):
   return config, mesh, state, step_fn
 
 
+class Runner:
+  """One configuration, built and compiled, ready to time in one go or in rounds."""
+
+  def __init__(self, cfg: BenchConfig):
+    """Builds the state and step, places the batches and keys, compiles, warms up."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from hyperprompt_t5x import optim, partitioning  # pylint: disable=g-import-not-at-top
+    self.cfg = cfg
+    self.config, mesh, self.state, self.step_fn = build(cfg)
+    np_rng = np.random.default_rng(cfg.seed)
+    self.batches = [partitioning.shard_batch(
+        synthetic_batch(np_rng, cfg.batch, cfg.inputs_len, cfg.targets_len,
+                        self.config.vocab_size, self.config.num_tasks), mesh)
+                    for _ in range(max(1, cfg.num_batches))]
+    self.keys = list(jax.random.split(jax.random.PRNGKey(cfg.seed + 1),
+                                      cfg.warmup + cfg.steps + 1))
+    jax.block_until_ready((self.batches, self.keys))
+    leaves = jax.tree_util.tree_leaves(self.state.params)
+    mask = jax.tree_util.tree_leaves(optim.trainable_mask(self.state.params, cfg.freeze))
+    self.num_params = int(sum(x.size for x in leaves))
+    self.num_trainable = int(sum(x.size for x, m in zip(leaves, mask) if m))
+    self.calls = 0
+    self.times: List[float] = []
+    self.loss = None
+    # The first call compiles (and runs one step): compile_s = first call − median step.
+    t0 = time.perf_counter()
+    self._call()
+    self.first_call_s = time.perf_counter() - t0
+    for _ in range(cfg.warmup):
+      self._call()
+
+  def _call(self):
+    i = self.calls
+    self.state, metrics = self.step_fn(self.state, self.batches[i % len(self.batches)],
+                                       self.keys[i % len(self.keys)])
+    self.calls += 1
+    self.loss = metrics['loss'].block_until_ready()  # the only sync in the loop
+
+  def time_steps(self, n: int) -> None:
+    """Runs n timed steps, each synchronised on its loss."""
+    for _ in range(n):
+      t0 = time.perf_counter()
+      self._call()
+      self.times.append(time.perf_counter() - t0)
+
+  def record(self) -> Dict[str, Any]:
+    """The result record of the steps timed so far."""
+    cfg, config = self.cfg, self.config
+    peak, peak_source = _peak_memory()
+    prompt_length = int(getattr(config, 'prompt_length', 0) or 0)
+    flops = flops_lib.method_train_flops(
+        flops_lib.Dims.from_config(config), cfg.method, batch=cfg.batch,
+        inputs_len=cfg.inputs_len, targets_len=cfg.targets_len, prompt_length=prompt_length,
+        backbone_trained=(cfg.freeze == 'all'),
+        prompt_encoder=bool(getattr(config, 'prompt_encoder', True)),
+        prompt_decoder=bool(getattr(config, 'prompt_decoder', True)))['total']
+    median_s = percentile(self.times, 50)
+    return {
+        'impl': 'hyperprompt_t5x (jax)', 'size': cfg.size, 'method': cfg.method,
+        'freeze': cfg.freeze, 'optimizer': cfg.optimizer, 'batch': cfg.batch,
+        'inputs_len': cfg.inputs_len, 'targets_len': cfg.targets_len, 'dtype': cfg.dtype,
+        'attention_impl': cfg.attention_impl, 'remat_policy': cfg.remat_policy,
+        'embedding_lookup': getattr(config, 'embedding_lookup', None),
+        'prompt_length': prompt_length, 'dropout_rate': cfg.dropout_rate,
+        'num_params': self.num_params, 'num_trainable_params': self.num_trainable,
+        'step_ms_median': 1e3 * median_s, 'step_ms_p10': 1e3 * percentile(self.times, 10),
+        'step_ms_p90': 1e3 * percentile(self.times, 90), 'steps': len(self.times),
+        'warmup': cfg.warmup,
+        'tokens_per_s': cfg.batch * (cfg.inputs_len + cfg.targets_len) / median_s,
+        'model_flops_per_step': flops, 'model_tflops_per_s': flops / median_s / 1e12,
+        'peak_memory_bytes': peak, 'peak_memory_source': peak_source,
+        'compile_s': max(0.0, self.first_call_s - median_s),
+        'first_call_s': self.first_call_s, 'overhead_vs_none_pct': None,
+        'final_loss': float(self.loss), 'error': None,
+    }
+
+
 def run_one(cfg: BenchConfig) -> Dict[str, Any]:
   """Builds, compiles and times one configuration; returns its result record."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning, optim  # pylint: disable=g-import-not-at-top
-
-  config, mesh, state, step_fn = build(cfg)
-  np_rng = np.random.default_rng(cfg.seed)
-  batches = [partitioning.shard_batch(
-      synthetic_batch(np_rng, cfg.batch, cfg.inputs_len, cfg.targets_len,
-                      config.vocab_size, config.num_tasks), mesh)
-             for _ in range(max(1, cfg.num_batches))]
-  n_total = cfg.warmup + cfg.steps
-  keys = list(jax.random.split(jax.random.PRNGKey(cfg.seed + 1), n_total + 1))
-  jax.block_until_ready((batches, keys))
-
-  num_params = _count(state.params)
-  mask = optim.trainable_mask(state.params, cfg.freeze)
-  num_trainable = int(sum(x.size for x, m in zip(jax.tree_util.tree_leaves(state.params),
-                                                 jax.tree_util.tree_leaves(mask)) if m))
-
-  # The first call compiles (and runs one step): compile_s = first call − median step.
-  t0 = time.perf_counter()
-  state, metrics = step_fn(state, batches[0], keys[0])
-  metrics['loss'].block_until_ready()
-  first_call_s = time.perf_counter() - t0
-
-  times = []
-  loss = None
-  for i in range(n_total):
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, batches[i % len(batches)], keys[i + 1])
-    loss = metrics['loss'].block_until_ready()
-    if i >= cfg.warmup:
-      times.append(time.perf_counter() - t0)
-  final_loss = float(loss)
-  peak, peak_source = _peak_memory()
-
-  prompt_length = int(getattr(config, 'prompt_length', 0) or 0)
-  flops = flops_lib.method_train_flops(
-      flops_lib.Dims.from_config(config), cfg.method, batch=cfg.batch,
-      inputs_len=cfg.inputs_len, targets_len=cfg.targets_len, prompt_length=prompt_length,
-      backbone_trained=(cfg.freeze == 'all'),
-      prompt_encoder=bool(getattr(config, 'prompt_encoder', True)),
-      prompt_decoder=bool(getattr(config, 'prompt_decoder', True)))['total']
-  median_s = percentile(times, 50)
-  return {
-      'impl': 'hyperprompt_t5x (jax)', 'size': cfg.size, 'method': cfg.method,
-      'freeze': cfg.freeze, 'optimizer': cfg.optimizer, 'batch': cfg.batch,
-      'inputs_len': cfg.inputs_len, 'targets_len': cfg.targets_len, 'dtype': cfg.dtype,
-      'attention_impl': cfg.attention_impl, 'remat_policy': cfg.remat_policy,
-      'embedding_lookup': getattr(config, 'embedding_lookup', None),
-      'prompt_length': prompt_length, 'dropout_rate': cfg.dropout_rate,
-      'num_params': num_params, 'num_trainable_params': num_trainable,
-      'step_ms_median': 1e3 * median_s, 'step_ms_p10': 1e3 * percentile(times, 10),
-      'step_ms_p90': 1e3 * percentile(times, 90), 'steps': cfg.steps, 'warmup': cfg.warmup,
-      'tokens_per_s': cfg.batch * (cfg.inputs_len + cfg.targets_len) / median_s,
-      'model_flops_per_step': flops, 'model_tflops_per_s': flops / median_s / 1e12,
-      'peak_memory_bytes': peak, 'peak_memory_source': peak_source,
-      'compile_s': max(0.0, first_call_s - median_s), 'first_call_s': first_call_s, 'overhead_vs_none_pct': None, 'final_loss': final_loss,
-      'error': None,
-  }
+  runner = Runner(cfg)
+  runner.time_steps(cfg.steps)
+  return runner.record()
 
 
 _SAME_RUN_KEYS = ('impl', 'size', 'freeze', 'optimizer', 'batch', 'inputs_len', 'targets_len',
@@ -366,6 +387,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--weight_decay', type=float, default=0.01)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--rounds', type=int, default=1,
+                 help='> 1: build all configurations first, then time them interleaved in '
+                      'this many rounds (fairer overheads on a shared machine; all states '
+                      'stay in memory at once)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--prng_impl', default=None,
                  help="jax_default_prng_impl for the dropout keys: threefry2x32 (JAX's "
@@ -411,23 +436,61 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
               flops_formula='bench/flops.py (frozen weights: no weight-gradient FLOPs)')
   results: List[Dict[str, Any]] = []
   start = time.perf_counter()
-  for cfg in configs_from_args(args):
-    if args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s:
-      rec = dict(dataclasses.asdict(cfg), impl='hyperprompt_t5x (jax)',
-                 error=f'skipped: time budget {args.time_budget_s:.0f} s spent')
-    else:
-      try:
-        rec = run_one(cfg)
-      except Exception as e:  # pylint: disable=broad-except
-        # One failing variant (e.g. an attention kernel this backend lacks) must not
-        # lose the others: record it and go on.
-        rec = dict(dataclasses.asdict(cfg), impl='hyperprompt_t5x (jax)',
-                   error=f'{type(e).__name__}: {e}'[:2000])
+  configs = configs_from_args(args)
+
+  def failed(cfg, e):
+    # One failing variant (e.g. an attention kernel this backend lacks) must not
+    # lose the others: record it and go on.
+    return dict(dataclasses.asdict(cfg), impl='hyperprompt_t5x (jax)',
+                error=f'{type(e).__name__}: {e}'[:2000])
+
+  def over_budget():
+    return args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s
+
+  def skipped(cfg):
+    return dict(dataclasses.asdict(cfg), impl='hyperprompt_t5x (jax)',
+                error=f'skipped: time budget {args.time_budget_s:.0f} s spent')
+
+  def emit(rec):
     results.append(rec)
     add_overheads(results)
     if args.out is not None:
       write_json(args.out, meta, results)
     print(format_table(results[-1:]).splitlines()[-1], flush=True)
+
+  if args.rounds <= 1:
+    for cfg in configs:
+      if over_budget():
+        emit(skipped(cfg))
+        continue
+      try:
+        emit(run_one(cfg))
+      except Exception as e:  # pylint: disable=broad-except
+        emit(failed(cfg, e))
+  else:
+    # Interleaved: build every configuration, then time `rounds` rounds of
+    # steps/rounds steps each, configuration after configuration, so that a
+    # shared machine's load drifts into all of them alike.
+    runners, slots = [], []
+    for cfg in configs:
+      if over_budget():
+        slots.append(skipped(cfg))
+        continue
+      try:
+        runners.append(Runner(cfg))
+        slots.append(runners[-1])
+      except Exception as e:  # pylint: disable=broad-except
+        slots.append(failed(cfg, e))
+    per_round = max(1, -(-args.steps // args.rounds))
+    for _ in range(args.rounds):
+      for runner in list(runners):
+        try:
+          runner.time_steps(per_round)
+        except Exception as e:  # pylint: disable=broad-except
+          runners.remove(runner)
+          slots[slots.index(runner)] = failed(runner.cfg, e)
+    for slot in slots:
+      emit(slot.record() if isinstance(slot, Runner) else slot)
   print()
   print(format_table(results))
   return results
