@@ -6,7 +6,7 @@ Importing `hyperprompt_t5x.tasks` registers with seqio (imports TensorFlow):
   rte, wnli, and the MNLI eval tasks `hyperprompt_glue_mnli_matched` /
   `hyperprompt_glue_mnli_mismatched` (split `validation`);
   `hyperprompt_super_glue_<t>`, t in boolq, cb, copa, multirc, record, rte,
-  wic, wsc; `hyperprompt_demo_<t>`, t in first, last, length (see demo.py);
+  wic, wsc; `hyperprompt_demo_<t>`, t in max, min, has_a (see demo.py);
 * mixtures `hyperprompt_glue` (8 GLUE training tasks, no WNLI),
   `hyperprompt_super_glue` (8 tasks), `hyperprompt_demo` (3 tasks).
 

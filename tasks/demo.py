@@ -1,19 +1,22 @@
 """The demo mixture `hyperprompt_demo`: tiny, offline, and only solvable with task ids.
 
 Every task reads the SAME inputs: random "words" of 3-7 letters from a-h
-(e.g. `"bhdae"`), with no task prefix. The target depends on the task:
+(e.g. `"fbhde"`; at least two different letters), with no task prefix. The target depends on the task:
 
-* `hyperprompt_demo_first`  -> the first letter   (`"b"`)
-* `hyperprompt_demo_last`   -> the last letter    (`"e"`)
-* `hyperprompt_demo_length` -> the number of letters (`"5"`)
+* `hyperprompt_demo_max`   -> the alphabetically largest letter  (`"h"`)
+* `hyperprompt_demo_min`   -> the alphabetically smallest letter (`"b"`)
+* `hyperprompt_demo_has_a` -> `"y"` if the word contains an a, else `"n"`
 
-So a model that ignores the task id is right about a third of the time at
-best; with conditioning a tiny model (emb 64, 2+2 layers) learns all three in a
-few hundred steps. The words are generated, not shipped: numpy's
-`RandomState(seed)` with a fixed seed per split (train 4096 words, validation
-256, disjoint). Vocabulary: always `seqio.ByteVocabulary()`
-(`vocab.DEMO_VOCABULARY`); inputs are at most 8 tokens with EOS, targets 2.
-Metric: accuracy (exact string match, in percent).
+The three answers of a word differ, so a model that ignores the task id is
+right about a third of the time at best. The tasks depend on which letters
+occur, not where: the tiny byte model of gin/demo.gin (emb 64, 2+2 layers)
+learns each of them alone to 100% validation accuracy in about 100 steps of
+batch 64 on 2 CPU cores, while position tasks ("first letter", "last letter",
+"length") stayed near chance after 300-600 steps, so they are not used.
+The words are generated, not shipped: numpy's `RandomState(seed)` with a fixed
+seed per split (train 4096 words, validation 256, disjoint). Vocabulary:
+always `seqio.ByteVocabulary()` (`vocab.DEMO_VOCABULARY`); inputs are at most
+8 tokens with EOS, targets 2. Metric: accuracy (exact string match, percent).
 """
 from typing import Callable, Dict, List
 
@@ -32,9 +35,9 @@ SPLIT_SIZES = {'train': 4096, 'validation': 256}
 _SPLIT_SEEDS = {'train': 0, 'validation': 1}
 
 TARGET_FNS: Dict[str, Callable[[str], str]] = {
-    'first': lambda w: w[0],
-    'last': lambda w: w[-1],
-    'length': lambda w: str(len(w)),
+    'max': max,
+    'min': min,
+    'has_a': lambda w: 'y' if 'a' in w else 'n',
 }
 MIXTURE_TASKS: List[str] = list(TARGET_FNS)
 
@@ -45,7 +48,7 @@ def _random_words(seed: int, n: int, exclude=frozenset()) -> List[str]:
   while len(words) < n:
     length = rng.randint(MIN_LEN, MAX_LEN + 1)
     word = ''.join(ALPHABET[i] for i in rng.randint(0, len(ALPHABET), size=length))
-    if word not in seen:
+    if word not in seen and len(set(word)) > 1:  # max != min
       seen.add(word)
       words.append(word)
   return words

@@ -5,7 +5,7 @@ fixed here (never sorted or derived from the registry):
 
 * `hyperprompt_glue`: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte (0..7)
 * `hyperprompt_super_glue`: boolq, cb, copa, multirc, record, rte, wic, wsc (0..7)
-* `hyperprompt_demo`: first, last, length (0..2)
+* `hyperprompt_demo`: max, min, has_a (0..2)
 
 A task used on its own has task id 0. The MNLI evaluation tasks
 (`hyperprompt_glue_mnli_matched` / `_mismatched`) take MNLI's id. Mixing rates

@@ -45,7 +45,7 @@ def _text(row):
 
 def test_demo_mixture_task_ids_match_targets():
   names = tasks.task_names('hyperprompt_demo')
-  assert names == ['hyperprompt_demo_first', 'hyperprompt_demo_last', 'hyperprompt_demo_length']
+  assert names == ['hyperprompt_demo_max', 'hyperprompt_demo_min', 'hyperprompt_demo_has_a']
   ds = tasks.get_dataset('hyperprompt_demo', 'train', {'inputs': 16, 'targets': 4},
                          batch_size=32, shuffle=True, seed=3)
   seen = set()
@@ -111,7 +111,7 @@ def test_eval_datasets_cover_every_example_with_its_id(glue_dir, shared_data):
 
 
 def test_standalone_task_has_id_zero():
-  ds = tasks.get_dataset('hyperprompt_demo_last', 'validation', {'inputs': 16, 'targets': 4},
+  ds = tasks.get_dataset('hyperprompt_demo_min', 'validation', {'inputs': 16, 'targets': 4},
                          batch_size=16, shuffle=False, num_epochs=1)
   batches = list(ds.as_numpy_iterator())
   assert sum(len(b['task_ids']) for b in batches) == demo.SPLIT_SIZES['validation']

@@ -34,7 +34,8 @@ CLASSIFICATION = [
     ('hyperprompt_super_glue_rte', ['entailment', 'not_entailment']),
     ('hyperprompt_super_glue_wic', ['True', 'False']),
     ('hyperprompt_super_glue_wsc', ['False', 'True']),
-    ('hyperprompt_demo_first', ['a', 'h', 'c']),
+    ('hyperprompt_demo_max', ['a', 'h', 'c']),
+    ('hyperprompt_demo_has_a', ['y', 'n']),
 ]
 
 
