@@ -131,9 +131,21 @@ def process_worker(out_path):
   from jax.experimental import multihost_utils
   params = multihost_utils.process_allgather(state.params, tiled=True)
   checksum = float(sum(np.sum(np.abs(np.asarray(x))) for x in jax.tree_util.tree_leaves(params)))
+  # Every process writes its shards of one orbax checkpoint, then reads it back.
+  from hyperprompt_t5x import train_state
+  ckpt_dir = os.path.join(os.path.dirname(out_path), 'ckpt_%d_processes' % n)
+  store = train_state.CheckpointStore(ckpt_dir, keep=1)
+  store.save(3, state, {'data_batches': 3})
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored, extra = store.restore(store.latest_step(), target)
+  back = multihost_utils.process_allgather(restored.params, tiled=True)
+  restore_equal = all(np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)))
   with open(out_path, 'w') as f:
     json.dump(dict(losses=losses, checksum=checksum, process_count=n, distributed=distributed,
-                   devices=len(jax.devices()), mesh=dict(mesh.shape)), f)
+                   devices=len(jax.devices()), mesh=dict(mesh.shape),
+                   restore_equal=restore_equal, extra=extra), f)
   if distributed:
     jax.distributed.shutdown()
 
