@@ -239,6 +239,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--device', default='auto', help='auto | cpu | cuda')
   p.add_argument('--fused_adamw', action='store_true', help='torch.optim.AdamW(fused=True)')
+  p.add_argument('--threads', type=int, default=None,
+                 help='torch.set_num_threads (CPU); default: torch\'s own choice')
   p.add_argument('--time_budget_s', type=float, default=None)
   p.add_argument('--out', type=pathlib.Path, default=None, help='JSON output file')
   p.add_argument('--overwrite', action='store_true')
@@ -253,6 +255,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   args = parse_args(argv)
+  if args.threads is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(args.threads)
   meta = dict(environment(), argv=list(sys.argv[1:] if argv is None else argv),
               flops_formula='bench/flops.py (frozen weights: no weight-gradient FLOPs)')
   results: List[Dict[str, Any]] = []

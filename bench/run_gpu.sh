@@ -65,7 +65,7 @@ job() {  # job NAME CAP_S SCRIPT ARGS...: one bench process, capped, JSON + log 
 cat "$OUT/env.txt"
 
 # 1. Headline: base, batch 64, 512/64, full fine-tuning, none vs HyperPrompt-Global.
-job jax_base "$CAP_JAX" train_step.py "${BASE[@]}" --methods=none,global --freeze=all
+job jax_base "$CAP_JAX" train_step.py "${BASE[@]}" --methods=none,global --freeze=all --rounds=2
 # 2. The peer at the same shapes on the same card.
 job hf_base "$CAP_HF" hf_peer.py "${BASE[@]}" --modes=full,peft_prefix
 # 3. Large, batch 32, HyperPrompt-Global; then its peer.
