@@ -75,8 +75,8 @@ def project_shapes(size: str):
   return network.T5Config.from_size(size)
 
 
-def build_hf_model(dims: flops_lib.Dims, dropout_rate: float):
-  """A random-init T5 1.1 (gated-GELU, untied); returns (model, output_layer note)."""
+def build_hf_model(dims: flops_lib.Dims, dropout_rate: float, device=None):
+  """A random-init T5 1.1 (gated-GELU, untied) built on `device`; returns (model, note)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   hf_config = transformers.T5Config(
@@ -86,7 +86,8 @@ def build_hf_model(dims: flops_lib.Dims, dropout_rate: float):
       relative_attention_num_buckets=32, relative_attention_max_distance=128,
       dropout_rate=dropout_rate, feed_forward_proj='gated-gelu', tie_word_embeddings=False,
       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-  model = transformers.T5ForConditionalGeneration(hf_config)
+  with torch.device(device or 'cpu'):  # initialise where it runs (large: 780M params)
+    model = transformers.T5ForConditionalGeneration(hf_config)
   if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
     # transformers 5.x: tied regardless of the config. Untie, as T5 1.1 is.
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
@@ -110,7 +111,7 @@ def run_one(cfg: PeerConfig) -> Dict[str, Any]:
   else:
     device = torch.device(cfg.device)
   torch.manual_seed(cfg.seed)
-  model, output_note = build_hf_model(dims, cfg.dropout_rate)
+  model, output_note = build_hf_model(dims, cfg.dropout_rate, device)
   base_config = model.config
   num_params = sum(p.numel() for p in model.parameters())
   if cfg.mode == 'peft_prefix':

@@ -31,7 +31,7 @@ else
   BASE=(--sizes=base --batch=64 --inputs_len=512 --targets_len=64)
   LARGE=(--sizes=large --batch=32 --inputs_len=512 --targets_len=64)
   STEPS=(--warmup=3 --steps=10)
-  CAP_JAX=150; CAP_HF=75
+  CAP_JAX=150; CAP_HF=100
 fi
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }

@@ -281,7 +281,7 @@ def environment() -> Dict[str, Any]:
       'platform': platform.platform(), 'python': platform.python_version(),
       'jax': jax.__version__, 'flax': flax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'prng_impl': str(jax.config.jax_default_prng_impl),
+      'prng_impl': str(getattr(jax.config, 'jax_default_prng_impl', 'unknown')),
   }
 
 
