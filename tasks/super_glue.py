@@ -77,7 +77,7 @@ def _postprocessor(task: SuperGlueTask):
 def register(vocabulary: seqio.Vocabulary) -> List[str]:
   """(Re-)registers every SuperGLUE task with `vocabulary`; returns their names."""
   output_features = {
-      'inputs': seqio.Feature(vocabulary, add_eos=True, required=False),
+      'inputs': seqio.Feature(vocabulary, add_eos=True),
       'targets': seqio.Feature(vocabulary, add_eos=True),
   }
   names = []
