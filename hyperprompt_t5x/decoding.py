@@ -56,7 +56,7 @@ def init_cache(config: network.T5Config, params, encoded, encoder_input_tokens, 
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 4, 6))
 def _greedy(config, params, encoder_input_tokens, task_ids, max_decode_length, eos_id,
             return_logits):
   model = network.Transformer(config)
@@ -109,8 +109,8 @@ def greedy_decode(config: network.T5Config, params, encoder_input_tokens,
   row emits `eos_id` (the EOS is kept, later positions are 0) and stops the
   loop when every row is done. Dropout is off. With return_logits=True also
   returns the float32 step logits [batch, max_decode_length, vocab] (zeros
-  after the loop stops). Jitted (config, lengths, eos_id static); callable
-  under an outer jit as well.
+  after the loop stops). Jitted with config, max_decode_length and
+  return_logits static (eos_id is traced); callable under an outer jit too.
   """
   if int(max_decode_length) < 1:
     raise ValueError(f'max_decode_length must be >= 1, got {max_decode_length}')
@@ -123,4 +123,4 @@ def greedy_decode(config: network.T5Config, params, encoder_input_tokens,
     task_ids = jnp.zeros((encoder_input_tokens.shape[0],), jnp.int32)
   task_ids = jnp.asarray(task_ids, jnp.int32)
   return _greedy(config, params, encoder_input_tokens, task_ids, int(max_decode_length),
-                 int(eos_id), bool(return_logits))
+                 jnp.asarray(eos_id, jnp.int32), bool(return_logits))

@@ -12,7 +12,7 @@ MAX_LEN = 6
 
 def _config(method, **kw):
   base = dict(method=method, num_tasks=3, dtype=jnp.float32, dropout_rate=0.0,
-              num_encoder_layers=1, num_decoder_layers=2, prompt_length=3, bottleneck=4,
+              num_encoder_layers=1, num_decoder_layers=1, prompt_length=3, bottleneck=4,
               task_embed_dim=4, layer_task_dim=5, adapter_dim=4)
   base.update(kw)
   return network.T5Config.from_size('tiny', **base)
@@ -32,11 +32,10 @@ def _shift_right(tokens):
     ('global', {}),
     ('share', {'prompt_cross_attention': True}),
     ('sep', {'prompt_encoder': False, 'hyper_bias': True}),
-    ('prompt_tuning', {}),
 ])
 def test_cached_greedy_equals_teacher_forcing(method, kw):
   cfg = _config(method, **kw)
-  params = network.init_params(cfg, jax.random.PRNGKey(1))
+  params = network.random_params(cfg, seed=1)
   enc, task_ids = _inputs()
   # eos_id=-1 never fires: every step is compared.
   tokens, step_logits = decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN,
@@ -58,12 +57,16 @@ def test_cached_greedy_equals_teacher_forcing(method, kw):
 
 
 def test_greedy_stops_after_eos():
-  cfg = _config('global')
-  params = network.init_params(cfg, jax.random.PRNGKey(2))
+  cfg = _config('global')  # same compile as the 'global' case above
+  params = network.random_params(cfg, seed=2)
   enc, task_ids = _inputs()
-  free = np.asarray(decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN, eos_id=-1))
+  free, _ = decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN, eos_id=-1,
+                                   return_logits=True)
+  free = np.asarray(free)
   eos = int(free[0, 2])  # a token row 0 emits at step 2 becomes "EOS"
-  out = np.asarray(decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN, eos_id=eos))
+  out, _ = decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN, eos_id=eos,
+                                  return_logits=True)
+  out = np.asarray(out)
   for row in range(out.shape[0]):
     hits = np.nonzero(free[row] == eos)[0]
     stop = hits[0] if hits.size else MAX_LEN - 1

@@ -1,0 +1,210 @@
+"""Task conditioning: effect of task ids, causal visibility, masking, isolation, gradients."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hyperprompt_t5x import conditioning
+from hyperprompt_t5x import layers
+from hyperprompt_t5x import network
+from hyperprompt_t5x import param_count
+
+CONDITIONED = ('share', 'sep', 'global', 'prompt_tuning', 'hyperformer')
+TINY = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=6, mlp_dim=24,
+            num_encoder_layers=1, num_decoder_layers=1, num_tasks=3, dtype=jnp.float32,
+            dropout_rate=0.0, prompt_length=3, bottleneck=4, task_embed_dim=4,
+            layer_task_dim=5, adapter_dim=4)
+# Per method, flags that make every conditioning parameter exist and be used.
+FULL_FLAGS = {
+    'share': dict(prompt_cross_attention=True, hyper_bias=True),
+    'sep': dict(hyper_bias=True),
+    'global': dict(prompt_cross_attention=True, hyper_bias=True),
+    'prompt_tuning': {},
+    'hyperformer': {},
+}
+
+
+def _config(method, **kw):
+  return network.T5Config(**{**TINY, 'method': method, **FULL_FLAGS[method], **kw})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_grads_logits(cfg, params, enc, dec_in, tgt, ids):
+  """(loss, logits), grads: one compile per config serves every test below."""
+  def loss_fn(p):
+    logits = network.Transformer(cfg).apply({'params': p}, enc, dec_in, tgt, ids,
+                                            enable_dropout=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
+    return jnp.sum(ce * (tgt > 0)) / jnp.sum(tgt > 0), logits
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg, params, enc, dec_in, tgt, ids):
+  return network.Transformer(cfg).apply({'params': params}, enc, dec_in, tgt, ids,
+                                        enable_dropout=False)
+
+
+def _run(cfg, params, enc, tgt, ids, grads=True):
+  dec_in = jnp.concatenate([jnp.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+  if not grads:
+    return np.asarray(_logits(cfg, params, enc, dec_in, tgt, jnp.asarray(ids))), None
+  (_, logits), grads = _loss_grads_logits(cfg, params, enc, dec_in, tgt, jnp.asarray(ids))
+  return np.asarray(logits), grads
+
+
+ENC = jnp.array([[5, 9, 12, 7, 3, 0], [8, 4, 11, 0, 0, 0], [22, 31, 40, 2, 17, 0]], jnp.int32)
+TGT = jnp.array([[6, 2, 9, 1], [13, 1, 0, 0], [7, 7, 5, 1]], jnp.int32)
+
+
+@pytest.mark.parametrize('method', CONDITIONED)
+def test_task_ids_matter_and_tasks_are_isolated_and_grads_reach_everything(method):
+  cfg = _config(method)
+  params = network.random_params(cfg, seed=11)
+  mixed, grads = _run(cfg, params, ENC, TGT, [0, 1, 2])
+
+  # Every conditioning leaf gets a non-zero gradient (all tasks are in the batch),
+  # and so does every slice along a task / block / layer axis (so every prompted
+  # block, cross-attention included, uses its prompts).
+  cond_grads = grads[network.CONDITIONING_KEY]
+  axes = network.param_logical_axes(cfg)[network.CONDITIONING_KEY]
+  per_slice = ('tasks', 'hyper_blocks', 'hyper_layers', 'hyper_positions')
+  for (path, g), spec in zip(jax.tree_util.tree_leaves_with_path(cond_grads),
+                             jax.tree_util.tree_leaves(
+                                 axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+    g = np.abs(np.asarray(g))
+    assert g.max() > 0, f'{method}: no gradient reaches {path}'
+    for axis, name in enumerate(spec):
+      if name in per_slice:
+        other = tuple(a for a in range(g.ndim) if a != axis)
+        assert (g.max(axis=other) > 0).all(), f'{method}: a {name} slice of {path} gets none'
+  assert len(jax.tree_util.tree_leaves(cond_grads)) == len(
+      jax.tree_util.tree_leaves(params[network.CONDITIONING_KEY]))
+
+  # Each row equals the same row in a batch where every row has its task
+  # (so rows of other tasks do not leak into it) ...
+  for task in range(3):
+    alone, _ = _run(cfg, params, ENC, TGT, [task] * 3)
+    np.testing.assert_allclose(mixed[task], alone[task], rtol=1e-6, atol=1e-6)
+  # ... and does not change when the other rows' examples change.
+  other_enc = ENC.at[1:].set(jnp.array([[3, 3, 3, 3, 3, 3], [9, 0, 0, 0, 0, 0]]))
+  other_tgt = TGT.at[1:].set(jnp.array([[4, 4, 4, 4], [1, 0, 0, 0]]))
+  changed, _ = _run(cfg, params, other_enc, other_tgt, [0, 2, 1])
+  np.testing.assert_allclose(changed[0], mixed[0], rtol=1e-6, atol=1e-6)
+
+  # Changing only the task id changes the output, from the first position on.
+  swapped, _ = _run(cfg, params, ENC, TGT, [1, 2, 0])
+  for row in range(3):
+    assert np.abs(swapped[row, 0] - mixed[row, 0]).max() > 1e-4, (method, row)
+
+
+def test_first_decoder_position_sees_decoder_self_attention_prompts():
+  """Only decoder self-attention is prompted: position 0 still moves with the task."""
+  cfg = _config('global', prompt_encoder=False, prompt_decoder=True,
+                prompt_cross_attention=False)
+  params = network.random_params(cfg, seed=12)
+  enc = jnp.repeat(ENC[:1], 3, axis=0)
+  tgt = jnp.repeat(TGT[:1], 3, axis=0)
+  logits, _ = _run(cfg, params, enc, tgt, [0, 1, 2], grads=False)
+  assert np.abs(logits[0, 0] - logits[1, 0]).max() > 1e-4
+  assert np.abs(logits[1, 0] - logits[2, 0]).max() > 1e-4
+
+
+@pytest.mark.parametrize('method', ['global', 'prompt_tuning'])
+def test_padding_gets_no_attention(method):
+  """Trailing padding (encoder and decoder) changes no logit of a real position."""
+  cfg = _config(method)
+  params = network.random_params(cfg, seed=13)
+  enc = jnp.array([[5, 9, 12], [8, 4, 11]], jnp.int32)
+  tgt = jnp.array([[6, 1], [13, 2]], jnp.int32)
+  short, _ = _run(cfg, params, enc, tgt, [0, 2], grads=False)
+  padded, _ = _run(cfg, params, jnp.pad(enc, ((0, 0), (0, 3))), jnp.pad(tgt, ((0, 0), (0, 2))),
+                   [0, 2], grads=False)
+  np.testing.assert_allclose(padded[:, :2], short, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_ignores_masked_keys_but_always_sees_prompts():
+  """Layer level: masked key positions never matter; prompt columns always do."""
+  attn = layers.MultiHeadDotProductAttention(num_heads=2, head_dim=4, float32_logits=True)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+  pk = jnp.asarray(rng.standard_normal((2, 3, 2, 4)), jnp.float32)
+  pv = jnp.asarray(rng.standard_normal((2, 3, 2, 4)), jnp.float32)
+  valid = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+  # Causal + padding mask, and a query row (row 0) that sees a single key.
+  mask = layers.combine_masks(layers.make_attention_mask(valid, valid),
+                              layers.make_causal_mask(valid))
+  variables = attn.init(jax.random.PRNGKey(0), x, x, mask, deterministic=True)
+
+  @jax.jit
+  def run(kv, pk, pv):
+    return attn.apply(variables, x, kv, mask, prompt_key=pk, prompt_value=pv,
+                      deterministic=True)
+
+  base = run(x, pk, pv)
+  noise = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  changed = run(jnp.where(valid[..., None] > 0, x, noise), pk, pv)
+  real = np.asarray(valid, bool)
+  np.testing.assert_allclose(np.asarray(changed)[real], np.asarray(base)[real], atol=1e-6)
+  # Prompts reach every real query row, the first one included.
+  moved = np.abs(np.asarray(run(x, pk * 2.0, pv + 1.0)) - np.asarray(base)).max(-1)
+  assert (moved[real] > 1e-4).all()
+
+
+NORM_SIZES = dict(vocab_size=64, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=32,
+                  num_encoder_layers=2, num_decoder_layers=2, num_tasks=3, dtype=jnp.float32,
+                  prompt_length=8, bottleneck=16, task_embed_dim=16, layer_task_dim=16)
+
+
+def _head_norm(t):
+  """Mean L2 norm of the per-head vectors [..., head_dim]."""
+  return float(jnp.mean(jnp.linalg.norm(t, axis=-1)))
+
+
+@functools.lru_cache(maxsize=1)
+def _real_key_value_norms():
+  """Keys/values of a freshly initialised first layer (embed -> RMS norm -> k, v)."""
+  @jax.jit
+  def run(rng, tokens):
+    embed = layers.Embed(num_embeddings=64, features=64)
+    x = embed.apply(embed.init(rng, tokens), tokens)
+    x = layers.LayerNorm().apply({'params': {'scale': jnp.ones((64,))}}, x)
+    attn = layers.MultiHeadDotProductAttention(num_heads=4, head_dim=16)
+    params = attn.init(rng, x, x, deterministic=True)['params']
+    return [jnp.einsum('bld,dhk->blhk', x, params[n]['kernel'].reshape(64, 4, 16))
+            for n in ('key', 'value')]
+  tokens = jax.random.randint(jax.random.PRNGKey(22), (4, 32), 2, 64)
+  return [_head_norm(t) for t in run(jax.random.PRNGKey(21), tokens)]
+
+
+@pytest.mark.parametrize('method,flags', [
+    ('share', dict(hyper_bias=True, prompt_cross_attention=True)),
+    ('sep', {}),
+    ('global', dict(hyper_bias=True)),
+    ('global', {}),
+])
+def test_prompt_norms_at_init_are_comparable_to_real_keys_and_values(method, flags):
+  """Real init: mean per-head norm of prompt k/v over that of real k/v in [0.1, 10].
+
+  Also: the materialised conditioning params number exactly the closed form.
+  """
+  cfg = network.T5Config(method=method, **NORM_SIZES, **flags)
+  cond = conditioning.TaskConditioning(cfg)
+  task_ids = jnp.arange(3)
+
+  @jax.jit
+  def init_and_generate(rng):
+    variables = cond.init(rng, task_ids)
+    return variables['params'], cond.apply(variables, task_ids)
+
+  cond_params, prompts = init_and_generate(jax.random.PRNGKey(21))
+  leaves = jax.tree_util.tree_leaves(cond_params)
+  assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+  assert sum(x.size for x in leaves) == param_count.closed_form_added(cfg)
+  for i, real in enumerate(_real_key_value_norms()):
+    for kind in ('encoder', 'decoder'):
+      ratio = _head_norm(prompts[kind][i]) / real
+      assert 0.1 <= ratio <= 10.0, (method, ('key', 'value')[i], kind, ratio)
