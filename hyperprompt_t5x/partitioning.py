@@ -193,7 +193,7 @@ def maybe_initialize_distributed() -> bool:
   Triggers: JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID)
   set explicitly; or a cluster JAX auto-detects with more than one process
   (multi-host TPU VM slices via TPU_WORKER_HOSTNAMES, SLURM_NTASKS > 1,
-  OMPI_COMM_WORLD_SIZE > 1). Otherwise a no-op. On CPU it selects gloo
+  OMPI_COMM_WORLD_SIZE > 1). Otherwise a no-op. Selects gloo for CPU
   collectives. Must run before any JAX backend is used. Returns True when
   distributed mode is (now) on.
   """
@@ -211,9 +211,9 @@ def maybe_initialize_distributed() -> bool:
                or (_env_int('OMPI_COMM_WORLD_SIZE') or 1) > 1)
     if not cluster:
       return False
-  platforms = os.environ.get('JAX_PLATFORMS', '') or str(jax.config.jax_platforms or '')
-  if platforms.split(',')[0] == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # CPU computations across processes need a collectives implementation; gloo
+  # touches only the CPU backend, so it is harmless on GPU/TPU hosts.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   logging.info('jax.distributed.initialize(%s)', kwargs)
   jax.distributed.initialize(**kwargs)
   return True

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from hyperprompt_t5x import models
-from tests import step_helpers
+import step_helpers  # tests/ is on sys.path under pytest (rootdir conftest)
 
 
 def _np_log_softmax(x):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from hyperprompt_t5x import models, optim, partitioning, train_state
-from tests import step_helpers
+import step_helpers  # tests/ is on sys.path under pytest (rootdir conftest)
 
 HELPER = pathlib.Path(step_helpers.__file__).resolve()
 # O0 codegen: these subprocesses check numerics, and XLA's CPU compile time dominates.
