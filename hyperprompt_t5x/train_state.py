@@ -337,20 +337,24 @@ class CheckpointStore:
 
   Each checkpoint holds the TrainState (item `state`, sharded arrays, every
   process writes its shards) and JSON metadata (item `extra`: data position,
-  config fingerprint, ...). `keep` = how many to keep (None: all). Nothing
+  config fingerprint, ...). `keep` = how many to keep (None: all);
+  `create=False` (eval / infer) refuses a missing MODEL_DIR instead of making
+  one. `async_save`: orbax writes in the background (call `wait()`). Nothing
   here deletes or overwrites a checkpoint except orbax's keep-N after a
   successful save.
   """
 
   def __init__(self, model_dir: str | os.PathLike, keep: Optional[int] = None,
-               async_save: bool = False):
+               async_save: bool = False, create: bool = True):
     import orbax.checkpoint as ocp  # Heavy import, only where checkpoints are used.
     self._ocp = ocp
     if keep is not None and keep < 1:
       raise ValueError(f'keep must be >= 1 or None, got {keep}')
     self.directory = pathlib.Path(model_dir).absolute()
+    if not create and not self.directory.is_dir():
+      raise FileNotFoundError(f'MODEL_DIR {self.directory} does not exist')
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, step_prefix='checkpoint', create=True,
+        max_to_keep=keep, step_prefix='checkpoint', create=create,
         enable_async_checkpointing=async_save)
     # Handlers named up front, so a fresh manager reads existing checkpoints.
     self._manager = ocp.CheckpointManager(

@@ -206,6 +206,14 @@ def test_checkpoint_round_trip_keep_n_and_no_overwrite(trained, tmp_path):
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
   for x, s in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(shardings)):
     assert x.sharding == s
+  # A concrete state works as the target too (its shardings are used); a fresh
+  # store (a restarted process) reads the same directory.
+  again, _ = train_state.CheckpointStore(tmp_path, create=False).restore(2, state)
+  assert int(again.step) == int(state.step)
+  np.testing.assert_array_equal(again.params['task_conditioning']['prompts'],
+                                state.params['task_conditioning']['prompts'])
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    train_state.CheckpointStore(tmp_path / 'missing', create=False)
   before = _dir_digest(tmp_path)
   with pytest.raises(train_state.CheckpointError, match='already exists'):
     store.save(3, state, {})
