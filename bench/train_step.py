@@ -318,6 +318,30 @@ def write_json(path: pathlib.Path, meta: Dict[str, Any], results: List[Dict[str,
   os.replace(tmp, path)
 
 
+def markdown_table(results: List[Dict[str, Any]]) -> str:
+  """The results as a Markdown table (for bench/README.md)."""
+  head = ('| impl | size | method | freeze | attention | remat | batch | in/tgt | ms/step '
+          '(median) | p10–p90 | tokens/s | model TFLOP/s | peak MiB | compile s | vs none |')
+  lines = [head, '|' + '---|' * (head.count('|') - 1)]
+  for r in results:
+    pre = (f"| {r.get('impl')} | {r.get('size')} | {r.get('method')} | {r.get('freeze')} | "
+           f"{r.get('attention_impl')} | {r.get('remat_policy')} | {r.get('batch')} | "
+           f"{r.get('inputs_len')}/{r.get('targets_len')} |")
+    if r.get('error'):
+      lines.append(pre + f" {r['error'][:80]} |" + ' |' * 6)
+      continue
+    ovh = r.get('overhead_vs_none_pct')
+    mem = r.get('peak_memory_bytes')
+    comp = r.get('compile_s')
+    lines.append(
+        pre + f" {r['step_ms_median']:.1f} | {r['step_ms_p10']:.1f}–{r['step_ms_p90']:.1f} | "
+        f"{r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.4g} | "
+        f"{'' if mem is None else f'{mem / 2**20:.0f}'} | "
+        f"{'' if comp is None else f'{comp:.0f}'} | "
+        f"{'' if ovh is None else f'{ovh:+.1f} %'} |")
+  return '\n'.join(lines)
+
+
 def summarize(out_dir) -> str:
   """Merges every <job>.json in out_dir into summary.json; returns the table and ratios.
 
@@ -337,6 +361,7 @@ def summarize(out_dir) -> str:
     metas[path.stem] = data.get('meta', {})
     rows.extend(dict(r, job=path.stem) for r in data.get('results', []))
   write_json(out_dir / 'summary.json', metas, rows)
+  (out_dir / 'summary.md').write_text(markdown_table(rows) + '\n')
   lines = [format_table(rows), '']
   shape = ('size', 'batch', 'inputs_len', 'targets_len')
   peers = {tuple(r.get(k) for k in shape): r for r in rows
