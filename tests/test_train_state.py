@@ -296,3 +296,16 @@ def test_create_train_state_rejects_wrong_initial_params(setup):
   with pytest.raises(ValueError, match=r'initial_params do not match.*prompts.*embedding'):
     train_state.create_train_state(model, tx, jax.random.PRNGKey(0), mesh, rules, 8, 4,
                                    initial_params=bad)
+
+
+def test_predict_fn_decodes_greedily_with_shardings(overfit, setup):
+  """The jitted, sharded prediction: int32 [batch, len]; its first token is the
+  argmax of the teacher-forced logits at position 0 (cached decoding itself is
+  checked against teacher forcing in test_decoding.py)."""
+  state, shardings, _, _, batch = overfit
+  model, _, mesh, _ = setup
+  predict = train_state.make_predict_fn(model, mesh, shardings, max_decode_length=3)
+  tokens = jax.device_get(predict(state.params, partitioning.shard_batch(batch, mesh)))
+  assert tokens.shape == (4, 3) and tokens.dtype == np.int32
+  logits = jax.jit(model._logits)(state.params, batch, None)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(tokens[:, 0], np.asarray(logits[:, 0].argmax(-1)))
