@@ -158,32 +158,46 @@ def check_model_dir_matches(model_dir: str, config) -> None:
 # ----------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Plan:
+  """What is known before any parameter exists: enough to compile the steps."""
+  model: Any
+  optimizer: Any
+  schedule: Any
+  mesh: Any
+  rules: Any
+  abstract_state: Any   # TrainState of ShapeDtypeStructs
+  shardings: Any        # TrainState of NamedShardings
+
+
 def build_run(*, model_dir: str, config, mixture_or_task_name: str,
               task_feature_lengths: Mapping[str, int], settings: OptimizerSettings,
               num_partitions: int = 1, seed: int = 0, keep_checkpoints: Optional[int] = None,
               initial_checkpoint_path: Optional[str] = None,
               checkpoint_step: Optional[int] = None, require_checkpoint: bool = False,
-              store=None) -> Run:
+              store=None, on_plan=None) -> Run:
   """Model, optimizer, mesh and a train state (restored or initialised).
 
-  Writes nothing: a checkpoint that does not fit fails here.
+  Restoring needs no initialisation (the restore target is abstract). Writes
+  nothing: a checkpoint that does not fit fails here. `on_plan(plan)` is called
+  once the shapes and shardings are known, before the (slow) initialisation.
   """
   from hyperprompt_t5x import models, optim, partitioning, train_state  # pylint: disable=g-import-not-at-top
   partitioning.maybe_initialize_distributed()
   names, vocab = mixture_tasks(mixture_or_task_name, config)
+  inputs_len, targets_len = task_feature_lengths['inputs'], task_feature_lengths['targets']
   mesh = partitioning.make_mesh(num_partitions)
   rules = partitioning.standard_logical_axis_rules()
   model = models.EncoderDecoderModel(
       config, z_loss=settings.z_loss, label_smoothing=settings.label_smoothing)
   schedule = optim.make_schedule(settings.lr_schedule, settings.learning_rate,
                                  settings.warmup_steps)
-  abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(seed), task_feature_lengths['inputs'],
-                         task_feature_lengths['targets']))
+  abstract_params = model.init_abstract(1, inputs_len, targets_len)['params']
   optimizer = optim.make_optimizer(settings.optimizer, schedule, params=abstract_params,
                                    freeze=settings.freeze,
                                    weight_decay=settings.weight_decay)
-  rng = jax.random.PRNGKey(seed)
+  abstract_state, shardings = train_state.state_shardings_for(
+      model, optimizer, mesh, rules, inputs_len, targets_len)
   if store is None:
     store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
   step = checkpoint_step if checkpoint_step is not None else store.latest_step()
@@ -191,25 +205,28 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
     raise FileNotFoundError(f'no checkpoint in MODEL_DIR {model_dir}')
   if step is not None:
     check_model_dir_matches(model_dir, config)
-  state, shardings = train_state.create_train_state(
-      model, optimizer, rng, mesh, rules, task_feature_lengths['inputs'],
-      task_feature_lengths['targets'])
-  restored_from = 'fresh initialisation'
+  if on_plan is not None:
+    on_plan(Plan(model, optimizer, schedule, mesh, rules, abstract_state, shardings))
+  rng = jax.random.PRNGKey(seed)
   if step is not None:
-    state, extra = store.restore(step, state)
+    state, extra = store.restore(
+        step, train_state.abstract_with_shardings(abstract_state, shardings))
     restored_from = f'{model_dir}/checkpoint_{step}'
     if extra.get('fingerprint') not in (None, train_state.config_fingerprint(config)):
       raise ValueError(f'{model_dir}/checkpoint_{step} was written for a different model '
                        'config (fingerprint mismatch); use a new MODEL_DIR')
-  elif initial_checkpoint_path:
-    from hyperprompt_t5x import checkpoints  # pylint: disable=g-import-not-at-top
-    fresh = jax.device_get(state.params)
-    params = checkpoints.load_pretrained(str(initial_checkpoint_path), config,
-                                         fresh_params=fresh)
+  else:
     state, shardings = train_state.create_train_state(
-        model, optimizer, rng, mesh, rules, task_feature_lengths['inputs'],
-        task_feature_lengths['targets'], initial_params=params)
-    restored_from = f'backbone of {initial_checkpoint_path} (task conditioning fresh)'
+        model, optimizer, rng, mesh, rules, inputs_len, targets_len)
+    restored_from = 'fresh initialisation'
+    if initial_checkpoint_path:
+      from hyperprompt_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+      fresh = jax.device_get(state.params)
+      params = checkpoints.load_pretrained(str(initial_checkpoint_path), config,
+                                           fresh_params=fresh)
+      state, shardings = train_state.create_train_state(
+          model, optimizer, rng, mesh, rules, inputs_len, targets_len, initial_params=params)
+      restored_from = f'backbone of {initial_checkpoint_path} (task conditioning fresh)'
   start = int(jax.device_get(state.step))
   return Run(config=config, model=model, optimizer=optimizer, schedule=schedule, mesh=mesh,
              rules=rules, state=state, shardings=shardings, store=store, start_step=start,
@@ -354,7 +371,7 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
   eval_batch_size = eval_batch_size or batch_size
 
   def prepare_data():
-    """The input pipelines, built while the main thread compiles the model."""
+    """The input pipelines, built while the main thread sets up the model."""
     batches = train_batches(mixture_or_task_name, lengths, batch_size, seed,
                             skip=resume_step or 0, shuffle=shuffle)
     first = next(batches)
@@ -362,17 +379,45 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
     if eval_period is not None:
       sets = evaluation.eval_sets(mixture_or_task_name, eval_split, lengths,
                                   eval_batch_size, eval_max_examples)
-    return itertools.chain([first], batches), sets
+    return first, itertools.chain([first], batches), sets
 
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+  rng = jax.random.PRNGKey(seed)  # dropout key: fold_in(rng, step) inside the step
+  compiled = {}
+
+  def precompile(plan: Plan, step_fn) -> None:
+    """Compiles the train step (AOT fills jit's cache) beside the initialisation."""
+    first, _, _ = data_future.result()
+    batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
+                                     v.dtype, sharding=partitioning.batch_sharding(plan.mesh))
+             for k, v in first.items()}
+    state = train_state.abstract_with_shardings(plan.abstract_state, plan.shardings)
+    step_fn.jitted.lower(state, batch, rng).compile()
+
+  def on_plan(plan: Plan) -> None:
+    step_fn = train_state.make_train_step(plan.model, plan.optimizer, plan.mesh,
+                                          plan.shardings, freeze=settings.freeze,
+                                          schedule=plan.schedule)
+    compiled['step_fn'] = step_fn
+    if hasattr(step_fn, 'jitted'):
+      compiled['future'] = pool.submit(precompile, plan, step_fn)
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
     data_future = pool.submit(prepare_data)
     try:
       run = build_run(model_dir=model_dir, config=model_config,
                       mixture_or_task_name=mixture_or_task_name, task_feature_lengths=lengths,
                       settings=settings, num_partitions=num_partitions, seed=seed,
-                      store=store, initial_checkpoint_path=initial_checkpoint_path)
+                      store=store, initial_checkpoint_path=initial_checkpoint_path,
+                      on_plan=on_plan)
     finally:
-      batches, eval_data = data_future.result()
+      _, batches, eval_data = data_future.result()
+      if 'future' in compiled:
+        try:
+          compiled['future'].result()
+        except Exception as e:  # pylint: disable=broad-except
+          log(f'note: ahead-of-time compilation of the train step failed ({e}); '
+              'it compiles on the first step instead')
+  step_fn = compiled['step_fn']
   start = run.start_step
   if start != (resume_step or 0):
     raise ValueError(f'{model_dir}/checkpoint_{resume_step} holds step {start}; '
@@ -387,9 +432,6 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
   save_config_files(model_dir, model_config, config_str, start)
   logger = metrics_logging.MetricsLogger(model_dir, tensorboard=tensorboard,
                                          is_chief=_is_chief())
-  step_fn = train_state.make_train_step(run.model, run.optimizer, run.mesh, run.shardings,
-                                        freeze=settings.freeze, schedule=run.schedule)
-  rng = jax.random.PRNGKey(seed)  # dropout key: fold_in(rng, step) inside the step
   fingerprint = train_state.config_fingerprint(model_config)
   state = run.state
   tokens_per_step = batch_size * (lengths['inputs'] + lengths['targets'])
@@ -458,6 +500,8 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
     summary['eval'] = evaluator.last
     if _is_chief():
       print(evaluation.format_table(evaluator.last, evaluator.best), flush=True)
-  log(f'Done: step {summary["final_step"]} in {summary["seconds"]:.1f} s; '
+  first = (f', first step after {seconds_to_first_step:.1f} s'
+           if seconds_to_first_step is not None else '')
+  log(f'Done: step {summary["final_step"]} in {summary["seconds"]:.1f} s{first}; '
       f'checkpoints and metrics in {model_dir}')
   return summary
