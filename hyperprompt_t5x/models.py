@@ -11,7 +11,7 @@ Batch features (docs/ARCHITECTURE.md): `encoder_input_tokens`,
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.linen import partitioning as nn_partitioning
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from hyperprompt_t5x import optim
 from hyperprompt_t5x import partitioning
