@@ -324,7 +324,7 @@ def markdown_table(results: List[Dict[str, Any]]) -> str:
           '(median) | p10–p90 | tokens/s | model TFLOP/s | peak MiB | compile s | vs none |')
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   for r in results:
-    pre = (f"| {r.get('impl')} | {r.get('size')} | {r.get('method')} | {r.get('freeze')} | "
+    pre = (f"| {r.get('impl')}{' [' + r['job'] + ']' if r.get('job') else ''} | {r.get('size')} | {r.get('method')} | {r.get('freeze')} | "
            f"{r.get('attention_impl')} | {r.get('remat_policy')} | {r.get('batch')} | "
            f"{r.get('inputs_len')}/{r.get('targets_len')} |")
     if r.get('error'):
@@ -373,7 +373,7 @@ def summarize(out_dir) -> str:
       peer = peers.get(tuple(r.get(k) for k in shape))
       if peer:
         lines.append(
-            f"{r['size']} b{r['batch']} {r['inputs_len']}/{r['targets_len']} {r['method']:<13}"
+            f"{r.get('job', ''):<20} {r['size']} b{r['batch']} {r['inputs_len']}/{r['targets_len']} {r['method']:<13}"
             f" {r['step_ms_median']:8.1f} ms vs HF full {peer['step_ms_median']:8.1f} ms:"
             f" {peer['step_ms_median'] / r['step_ms_median']:5.2f}x the peer's throughput")
   return '\n'.join(lines)
