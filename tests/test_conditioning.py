@@ -31,9 +31,8 @@ def _config(method, **kw):
   return network.T5Config(**{**TINY, 'method': method, **FULL_FLAGS[method], **kw})
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _loss_grads_logits(cfg, params, enc, dec_in, tgt, ids):
-  """(loss, logits), grads: one compile per config serves every test below."""
+  """(loss, logits), grads of the masked mean cross-entropy."""
   def loss_fn(p):
     logits = network.Transformer(cfg).apply({'params': p}, enc, dec_in, tgt, ids,
                                             enable_dropout=False)
@@ -42,88 +41,131 @@ def _loss_grads_logits(cfg, params, enc, dec_in, tgt, ids):
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(cfg, params, enc, dec_in, tgt, ids):
-  return network.Transformer(cfg).apply({'params': params}, enc, dec_in, tgt, ids,
-                                        enable_dropout=False)
+def _shift_right(tgt):
+  return jnp.concatenate([jnp.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
 
 
-def _run(cfg, params, enc, tgt, ids, grads=True):
-  dec_in = jnp.concatenate([jnp.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-  if not grads:
-    return np.asarray(_logits(cfg, params, enc, dec_in, tgt, jnp.asarray(ids))), None
-  (_, logits), grads = _loss_grads_logits(cfg, params, enc, dec_in, tgt, jnp.asarray(ids))
-  return np.asarray(logits), grads
+# Every config in one jit: each XLA compile costs seconds of CPU here.
+CONFIGS = {m: _config(m) for m in CONDITIONED}
+# Only decoder self-attention prompted: position 0 can move only through it.
+CONFIGS['decoder_self_only'] = _config('global', prompt_encoder=False, prompt_decoder=True,
+                                       prompt_cross_attention=False)
+
+
+@jax.jit
+def _run_all(params, enc, tgt, ids):
+  return {name: _loss_grads_logits(cfg, params[name], enc, _shift_right(tgt), tgt, ids)
+          for name, cfg in CONFIGS.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _params():
+  return {name: network.random_params(cfg, seed=11) for name, cfg in CONFIGS.items()}
 
 
 ENC = jnp.array([[5, 9, 12, 7, 3, 0], [8, 4, 11, 0, 0, 0], [22, 31, 40, 2, 17, 0]], jnp.int32)
 TGT = jnp.array([[6, 2, 9, 1], [13, 1, 0, 0], [7, 7, 5, 1]], jnp.int32)
+OTHER_ENC = ENC.at[1:].set(jnp.array([[3, 3, 3, 3, 3, 3], [9, 0, 0, 0, 0, 0]]))
+OTHER_TGT = TGT.at[1:].set(jnp.array([[4, 4, 4, 4], [1, 0, 0, 0]]))
+BATCHES = {
+    'mixed': (ENC, TGT, [0, 1, 2]),
+    'alone0': (ENC, TGT, [0, 0, 0]),
+    'alone1': (ENC, TGT, [1, 1, 1]),
+    'alone2': (ENC, TGT, [2, 2, 2]),
+    'other_rows_changed': (OTHER_ENC, OTHER_TGT, [0, 2, 1]),
+    'tasks_swapped': (ENC, TGT, [1, 2, 0]),
+    'same_example': (jnp.repeat(ENC[:1], 3, 0), jnp.repeat(TGT[:1], 3, 0), [0, 1, 2]),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _run(batch_name, config_name):
+  """(logits as numpy, grads) of one config on one of BATCHES."""
+  if ('results', batch_name) not in _CACHE:
+    enc, tgt, ids = BATCHES[batch_name]
+    _CACHE[('results', batch_name)] = _run_all(_params(), enc, tgt, jnp.asarray(ids))
+  (_, logits), grads = _CACHE[('results', batch_name)][config_name]
+  return np.asarray(logits), grads
+
+
+_CACHE = {}
 
 
 @pytest.mark.parametrize('method', CONDITIONED)
-def test_task_ids_matter_and_tasks_are_isolated_and_grads_reach_everything(method):
-  cfg = _config(method)
-  params = network.random_params(cfg, seed=11)
-  mixed, grads = _run(cfg, params, ENC, TGT, [0, 1, 2])
-
-  # Every conditioning leaf gets a non-zero gradient (all tasks are in the batch),
-  # and so does every slice along a task / block / layer axis (so every prompted
-  # block, cross-attention included, uses its prompts).
+def test_grads_reach_every_conditioning_param(method):
+  """Every conditioning leaf gets a non-zero gradient (all tasks are in the batch),
+  and so does every slice along a task / block / layer axis (so every prompted
+  block, cross-attention included, uses its prompts)."""
+  _, grads = _run('mixed', method)
   cond_grads = grads[network.CONDITIONING_KEY]
-  axes = network.param_logical_axes(cfg)[network.CONDITIONING_KEY]
+  assert len(jax.tree_util.tree_leaves(cond_grads)) == len(
+      jax.tree_util.tree_leaves(_params()[method][network.CONDITIONING_KEY]))
+  axes = network.param_logical_axes(CONFIGS[method])[network.CONDITIONING_KEY]
+  specs = jax.tree_util.tree_leaves(
+      axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   per_slice = ('tasks', 'hyper_blocks', 'hyper_layers', 'hyper_positions')
-  for (path, g), spec in zip(jax.tree_util.tree_leaves_with_path(cond_grads),
-                             jax.tree_util.tree_leaves(
-                                 axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+  for (path, g), spec in zip(jax.tree_util.tree_leaves_with_path(cond_grads), specs):
     g = np.abs(np.asarray(g))
     assert g.max() > 0, f'{method}: no gradient reaches {path}'
     for axis, name in enumerate(spec):
       if name in per_slice:
         other = tuple(a for a in range(g.ndim) if a != axis)
         assert (g.max(axis=other) > 0).all(), f'{method}: a {name} slice of {path} gets none'
-  assert len(jax.tree_util.tree_leaves(cond_grads)) == len(
-      jax.tree_util.tree_leaves(params[network.CONDITIONING_KEY]))
 
-  # Each row equals the same row in a batch where every row has its task
-  # (so rows of other tasks do not leak into it) ...
+
+@pytest.mark.parametrize('method', CONDITIONED)
+def test_rows_of_other_tasks_do_not_leak(method):
+  mixed, _ = _run('mixed', method)
+  # Each row equals the same row in a batch where every row has that task ...
   for task in range(3):
-    alone, _ = _run(cfg, params, ENC, TGT, [task] * 3)
+    alone, _ = _run(f'alone{task}', method)
     np.testing.assert_allclose(mixed[task], alone[task], rtol=1e-6, atol=1e-6)
-  # ... and does not change when the other rows' examples change.
-  other_enc = ENC.at[1:].set(jnp.array([[3, 3, 3, 3, 3, 3], [9, 0, 0, 0, 0, 0]]))
-  other_tgt = TGT.at[1:].set(jnp.array([[4, 4, 4, 4], [1, 0, 0, 0]]))
-  changed, _ = _run(cfg, params, other_enc, other_tgt, [0, 2, 1])
+  # ... and does not change when the other rows' examples and tasks change.
+  changed, _ = _run('other_rows_changed', method)
   np.testing.assert_allclose(changed[0], mixed[0], rtol=1e-6, atol=1e-6)
 
-  # Changing only the task id changes the output, from the first position on.
-  swapped, _ = _run(cfg, params, ENC, TGT, [1, 2, 0])
+
+@pytest.mark.parametrize('method', CONDITIONED)
+def test_changing_only_task_ids_changes_the_output(method):
+  mixed, _ = _run('mixed', method)
+  swapped, _ = _run('tasks_swapped', method)
   for row in range(3):
     assert np.abs(swapped[row, 0] - mixed[row, 0]).max() > 1e-4, (method, row)
+  same, _ = _run('same_example', method)
+  assert np.abs(same[0] - same[1]).max() > 1e-4 and np.abs(same[1] - same[2]).max() > 1e-4
 
 
 def test_first_decoder_position_sees_decoder_self_attention_prompts():
-  """Only decoder self-attention is prompted: position 0 still moves with the task."""
-  cfg = _config('global', prompt_encoder=False, prompt_decoder=True,
-                prompt_cross_attention=False)
-  params = network.random_params(cfg, seed=12)
-  enc = jnp.repeat(ENC[:1], 3, axis=0)
-  tgt = jnp.repeat(TGT[:1], 3, axis=0)
-  logits, _ = _run(cfg, params, enc, tgt, [0, 1, 2], grads=False)
+  """Encoder and cross-attention unprompted: position 0 still moves with the task."""
+  logits, _ = _run('same_example', 'decoder_self_only')
   assert np.abs(logits[0, 0] - logits[1, 0]).max() > 1e-4
   assert np.abs(logits[1, 0] - logits[2, 0]).max() > 1e-4
 
 
-@pytest.mark.parametrize('method', ['global', 'prompt_tuning'])
-def test_padding_gets_no_attention(method):
+PAD_CONFIGS = {m: _config(m) for m in ('global', 'prompt_tuning', 'hyperformer')}
+
+
+def test_padding_gets_no_attention():
   """Trailing padding (encoder and decoder) changes no logit of a real position."""
-  cfg = _config(method)
-  params = network.random_params(cfg, seed=13)
+  params = {m: network.random_params(cfg, seed=13) for m, cfg in PAD_CONFIGS.items()}
   enc = jnp.array([[5, 9, 12], [8, 4, 11]], jnp.int32)
   tgt = jnp.array([[6, 1], [13, 2]], jnp.int32)
-  short, _ = _run(cfg, params, enc, tgt, [0, 2], grads=False)
-  padded, _ = _run(cfg, params, jnp.pad(enc, ((0, 0), (0, 3))), jnp.pad(tgt, ((0, 0), (0, 2))),
-                   [0, 2], grads=False)
-  np.testing.assert_allclose(padded[:, :2], short, rtol=1e-5, atol=1e-5)
+  ids = jnp.array([0, 2])
+  padded_enc, padded_tgt = jnp.pad(enc, ((0, 0), (0, 3))), jnp.pad(tgt, ((0, 0), (0, 2)))
+
+  @jax.jit
+  def run(params):
+    out = {}
+    for m, cfg in PAD_CONFIGS.items():
+      model = network.Transformer(cfg)
+      out[m] = (model.apply({'params': params[m]}, enc, _shift_right(tgt), tgt, ids,
+                            enable_dropout=False),
+                model.apply({'params': params[m]}, padded_enc, _shift_right(padded_tgt),
+                            padded_tgt, ids, enable_dropout=False))
+    return out
+  for m, (short, padded) in run(params).items():
+    np.testing.assert_allclose(np.asarray(padded)[:, :2], short, rtol=1e-5, atol=1e-5,
+                               err_msg=m)
 
 
 def test_attention_ignores_masked_keys_but_always_sees_prompts():
@@ -180,31 +222,37 @@ def _real_key_value_norms():
   return [_head_norm(t) for t in run(jax.random.PRNGKey(21), tokens)]
 
 
-@pytest.mark.parametrize('method,flags', [
+NORM_CASES = [
     ('share', dict(hyper_bias=True, prompt_cross_attention=True)),
     ('sep', {}),
     ('global', dict(hyper_bias=True)),
     ('global', {}),
-])
-def test_prompt_norms_at_init_are_comparable_to_real_keys_and_values(method, flags):
+]
+
+
+def test_prompt_norms_at_init_are_comparable_to_real_keys_and_values():
   """Real init: mean per-head norm of prompt k/v over that of real k/v in [0.1, 10].
 
   Also: the materialised conditioning params number exactly the closed form.
   """
-  cfg = network.T5Config(method=method, **NORM_SIZES, **flags)
-  cond = conditioning.TaskConditioning(cfg)
+  configs = [network.T5Config(method=m, **NORM_SIZES, **flags) for m, flags in NORM_CASES]
   task_ids = jnp.arange(3)
 
   @jax.jit
   def init_and_generate(rng):
-    variables = cond.init(rng, task_ids)
-    return variables['params'], cond.apply(variables, task_ids)
+    out = []
+    for cfg in configs:
+      cond = conditioning.TaskConditioning(cfg)
+      variables = cond.init(rng, task_ids)
+      out.append((variables['params'], cond.apply(variables, task_ids)))
+    return out
 
-  cond_params, prompts = init_and_generate(jax.random.PRNGKey(21))
-  leaves = jax.tree_util.tree_leaves(cond_params)
-  assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
-  assert sum(x.size for x in leaves) == param_count.closed_form_added(cfg)
-  for i, real in enumerate(_real_key_value_norms()):
-    for kind in ('encoder', 'decoder'):
-      ratio = _head_norm(prompts[kind][i]) / real
-      assert 0.1 <= ratio <= 10.0, (method, ('key', 'value')[i], kind, ratio)
+  real_norms = _real_key_value_norms()
+  for cfg, (cond_params, prompts) in zip(configs, init_and_generate(jax.random.PRNGKey(21))):
+    leaves = jax.tree_util.tree_leaves(cond_params)
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    assert sum(x.size for x in leaves) == param_count.closed_form_added(cfg), cfg.method
+    for i, real in enumerate(real_norms):
+      for kind in ('encoder', 'decoder'):
+        ratio = _head_norm(prompts[kind][i]) / real
+        assert 0.1 <= ratio <= 10.0, (cfg.method, ('key', 'value')[i], kind, ratio)

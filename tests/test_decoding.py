@@ -1,4 +1,6 @@
 """Cached greedy decoding equals teacher forcing, with and without hyper-prompts."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,46 +29,57 @@ def _shift_right(tokens):
   return jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
 
 
-@pytest.mark.parametrize('method,kw', [
-    ('none', {}),
-    ('global', {}),
-    ('share', {'prompt_cross_attention': True}),
-    ('sep', {'prompt_encoder': False, 'hyper_bias': True}),
-])
-def test_cached_greedy_equals_teacher_forcing(method, kw):
-  cfg = _config(method, **kw)
-  params = network.random_params(cfg, seed=1)
+# One compile for every case: each XLA compile costs seconds of CPU here.
+CASES = {
+    'none': _config('none'),
+    'global': _config('global'),
+    'share_cross': _config('share', prompt_cross_attention=True),
+    'sep_decoder_only_bias': _config('sep', prompt_encoder=False, hyper_bias=True),
+    'prompt_tuning': _config('prompt_tuning'),
+    'hyperformer': _config('hyperformer'),
+}
+
+
+@jax.jit
+def _decode_all(params, enc, task_ids, eos_id):
+  """Per case: greedy tokens and step logits, and teacher forcing on those tokens."""
+  out = {}
+  for name, cfg in CASES.items():
+    tokens, step_logits = decoding.greedy_decode(cfg, params[name], enc, task_ids, MAX_LEN,
+                                                 eos_id=eos_id, return_logits=True)
+    # Targets kept non-zero so that no decoder position is treated as padding.
+    targets = jnp.where(tokens == 0, 2, tokens)
+    dec_in = _shift_right(targets)
+    tf_logits = decoding.teacher_forced_logits(cfg, params[name], enc, dec_in, targets,
+                                               task_ids)
+    out[name] = (tokens, step_logits, dec_in, tf_logits)
+  return out
+
+
+@functools.lru_cache(maxsize=4)
+def _results(eos_id):
   enc, task_ids = _inputs()
+  params = {name: network.random_params(cfg, seed=1) for name, cfg in CASES.items()}
+  return jax.tree_util.tree_map(np.asarray, _decode_all(params, enc, task_ids, eos_id))
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_cached_greedy_equals_teacher_forcing(case):
   # eos_id=-1 never fires: every step is compared.
-  tokens, step_logits = decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN,
-                                               eos_id=-1, return_logits=True)
-  assert tokens.shape == (3, MAX_LEN) and tokens.dtype == jnp.int32
-  # Teacher forcing on the decoded sequence; targets kept non-zero so that no
-  # decoder position is treated as padding.
-  targets = jnp.where(tokens == 0, 2, tokens)
-  dec_in = _shift_right(targets)
-  tf_logits = decoding.teacher_forced_logits(cfg, params, enc, dec_in, targets, task_ids)
+  tokens, step_logits, dec_in, tf_logits = _results(-1)[case]
+  assert tokens.shape == (3, MAX_LEN) and tokens.dtype == np.int32
   # Positions whose input token is exactly the decoded one (all, unless a 0 was decoded).
-  same = np.asarray(_shift_right(tokens) == dec_in)
+  same = np.asarray(_shift_right(tokens)) == dec_in
   valid = np.cumprod(same, axis=1).astype(bool)
   assert valid[:, :2].all()
-  np.testing.assert_allclose(np.asarray(step_logits)[valid], np.asarray(tf_logits)[valid],
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(tokens)[valid],
-                                np.asarray(jnp.argmax(tf_logits, -1))[valid])
+  np.testing.assert_allclose(step_logits[valid], tf_logits[valid], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(tokens[valid], np.argmax(tf_logits, -1)[valid])
 
 
 def test_greedy_stops_after_eos():
-  cfg = _config('global')  # same compile as the 'global' case above
-  params = network.random_params(cfg, seed=2)
-  enc, task_ids = _inputs()
-  free, _ = decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN, eos_id=-1,
-                                   return_logits=True)
-  free = np.asarray(free)
+  free = _results(-1)['global'][0]
   eos = int(free[0, 2])  # a token row 0 emits at step 2 becomes "EOS"
-  out, _ = decoding.greedy_decode(cfg, params, enc, task_ids, MAX_LEN, eos_id=eos,
-                                  return_logits=True)
-  out = np.asarray(out)
+  out = _results(eos)['global'][0]
   for row in range(out.shape[0]):
     hits = np.nonzero(free[row] == eos)[0]
     stop = hits[0] if hits.size else MAX_LEN - 1

@@ -147,54 +147,62 @@ def _loss_fn(cfg):
   return loss
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(cfg, params, batch):
-  return network.Transformer(cfg).apply({'params': params}, *batch, enable_dropout=False)
-
-
 # Global prompts on every attention (incl. cross-attention), float32, 1+1 layers.
 PROMPTED = dict(TINY, method='global', num_tasks=3, dtype=jnp.float32, prompt_length=3,
                 bottleneck=4, task_embed_dim=4, layer_task_dim=5, prompt_cross_attention=True,
                 num_encoder_layers=1, num_decoder_layers=1)
+# Variants whose logits must match PROMPTED's; one jit for all (XLA compiles cost seconds).
+VARIANTS = {
+    'reference': network.T5Config(**PROMPTED),
+    # 'dot_product_attention' (+ one-hot embedding lookup) == 'xla' (+ gather).
+    'dot_product_attention': network.T5Config(**dict(
+        PROMPTED, attention_impl='dot_product_attention', embedding_lookup='one_hot')),
+    'bfloat16': network.T5Config(**dict(PROMPTED, dtype=jnp.bfloat16)),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _variant_logits():
+  params = network.random_params(VARIANTS['reference'], seed=3)
+
+  @jax.jit
+  def run(params, batch):
+    return {name: network.Transformer(cfg).apply({'params': params}, *batch,
+                                                 enable_dropout=False)
+            for name, cfg in VARIANTS.items()}
+  return {k: np.asarray(v) for k, v in run(params, _batch()).items()}
 
 
 def test_attention_impls_and_lookups_agree_with_prompts_and_padding():
-  """'dot_product_attention' (+ one-hot embedding lookup) == 'xla' (+ gather)."""
-  cfg_xla = network.T5Config(**PROMPTED)
-  cfg_dpa = network.T5Config(**dict(PROMPTED, attention_impl='dot_product_attention',
-                                    embedding_lookup='one_hot'))
-  params = network.random_params(cfg_xla, seed=3)
-  batch = _batch()
-  np.testing.assert_allclose(_logits(cfg_dpa, params, batch), _logits(cfg_xla, params, batch),
+  logits = _variant_logits()
+  np.testing.assert_allclose(logits['dot_product_attention'], logits['reference'],
                              rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_runs_and_is_close_to_float32():
+  logits = _variant_logits()
+  l32, l16 = logits['reference'], logits['bfloat16']
+  assert l16.dtype == np.float32 and l16.shape == l32.shape == (2, 4, 64)
+  assert np.isfinite(l16).all()
+  err = np.abs(l16 - l32).max()
+  assert err < 0.05 * np.abs(l32).max(), err
+  # The prediction hardly changes.
+  assert (np.argmax(l16, -1) == np.argmax(l32, -1)).mean() >= 0.75
 
 
 def test_remat_policies_give_same_loss_and_grads():
   # Dropout off: each dropout site costs a threefry compile (seconds on CPU).
   base = dict(PROMPTED, dropout_rate=0.0)
   params = network.random_params(network.T5Config(**base), seed=4)
-  batch, rng = _batch(), jax.random.PRNGKey(7)
-  results = {}
-  for policy in network.REMAT_POLICIES:
-    cfg = network.T5Config(remat_policy=policy, **base)
-    results[policy] = jax.jit(jax.value_and_grad(_loss_fn(cfg)))(params, batch, rng)
+
+  @jax.jit
+  def run(params, batch, rng):
+    return {policy: jax.value_and_grad(_loss_fn(network.T5Config(**base, remat_policy=policy)))(
+        params, batch, rng) for policy in network.REMAT_POLICIES}
+  results = run(params, _batch(), jax.random.PRNGKey(7))
   ref_loss, ref_grads = results['none']
   for policy, (loss, grads) in results.items():
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=policy)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=policy),
         grads, ref_grads)
-
-
-def test_bf16_runs_and_is_close_to_float32():
-  cfg32 = network.T5Config(**PROMPTED)  # same compile as the attention test
-  cfg16 = network.T5Config(**dict(PROMPTED, dtype=jnp.bfloat16))
-  params = network.random_params(cfg32, seed=5)
-  batch = _batch()
-  l32, l16 = _logits(cfg32, params, batch), _logits(cfg16, params, batch)
-  assert l16.dtype == jnp.float32 and l16.shape == l32.shape == (2, 4, 64)
-  assert np.isfinite(l16).all()
-  err = np.abs(np.asarray(l16) - np.asarray(l32)).max()
-  assert err < 0.05 * np.abs(np.asarray(l32)).max(), err
-  # The prediction hardly changes.
-  assert (np.argmax(l16, -1) == np.argmax(l32, -1)).mean() >= 0.75
