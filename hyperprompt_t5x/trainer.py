@@ -31,6 +31,7 @@ import time
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hyperprompt_t5x import metrics_logging
@@ -433,6 +434,8 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
   logger = metrics_logging.MetricsLogger(model_dir, tensorboard=tensorboard,
                                          is_chief=_is_chief())
   fingerprint = train_state.config_fingerprint(model_config)
+  all_finite = jax.jit(lambda params: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)])))
   state = run.state
   tokens_per_step = batch_size * (lengths['inputs'] + lengths['targets'])
   throughput = metrics_logging.Throughput(start)
@@ -481,6 +484,11 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
           eval_period and done % eval_period == 0):
         check_and_log(done)
       if done % save_period == 0 or is_last:
+        if not bool(all_finite(state.params)):
+          raise TrainingDivergedError(
+              f'parameters became NaN/inf at step {done}: training stopped before saving; '
+              f'last good checkpoint: checkpoint_{last_good_ckpt} in {model_dir}. '
+              'Lower LEARNING_RATE or check the data.')
         run.store.save(done, state, {'data_batches': done, 'batch_size': batch_size,
                                      'fingerprint': fingerprint})
         last_good_ckpt = done

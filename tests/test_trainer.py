@@ -1,0 +1,293 @@
+"""The train loop through the CLI: resume after kill -9, INITIAL_CHECKPOINT_PATH, freeze
+modes, and bad input that must fail with one clear error and leave MODEL_DIR as it was.
+
+Runs use gin/demo.gin (a tiny byte-vocabulary model on the offline demo mixture) with
+few steps; compiled programs are shared through JAX's persistent compilation cache.
+"""
+import hashlib
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hyperprompt_t5x import checkpoints, cli, trainer
+
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+
+# The real T5X checkpoint's shapes (DESIGN.md §2; tests/conftest.py).
+T5X_TINY = ['T5Config.vocab_size = 32128', 'T5Config.emb_dim = 8', 'T5Config.num_heads = 4',
+            'T5Config.head_dim = 3', 'T5Config.num_encoder_layers = 2',
+            'T5Config.num_decoder_layers = 2', 'T5Config.mlp_dim = 16']
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One XLA compile per distinct program across this module's runs (and subprocesses)."""
+  import jax
+  cache = tmp_path_factory.mktemp('xla_cache')
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', str(cache))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  yield cache
+  for n, v in before.items():
+    jax.config.update(n, v)
+
+
+def demo_args(model_dir, *extra, steps=2, save=2):
+  return ['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
+          f'--gin.TRAIN_STEPS={steps}', f'--gin.SAVE_PERIOD={save}', '--gin.EVAL_PERIOD=None',
+          '--gin.LOG_PERIOD=1', *extra]
+
+
+def snapshot(directory) -> dict:
+  """relative path -> sha1 of every file under `directory`."""
+  root = pathlib.Path(directory)
+  return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def params_of(model_dir, step) -> dict:
+  """Flat name -> array of MODEL_DIR/checkpoint_<step> (read back from the orbax files)."""
+  tree = checkpoints.load_t5x_params(str(pathlib.Path(model_dir) / f'checkpoint_{step}'))
+  return checkpoints.flatten_params(tree)
+
+
+@pytest.fixture(scope='module')
+def trained_dir(tmp_path_factory):
+  """MODEL_DIR after 2 demo steps, checkpoint_2 saved."""
+  model_dir = tmp_path_factory.mktemp('trained') / 'run'
+  assert cli.run(demo_args(model_dir)) == 0
+  assert (model_dir / 'checkpoint_2').is_dir()
+  return model_dir
+
+
+def copy_of(trained_dir, tmp_path):
+  target = tmp_path / 'run'
+  shutil.copytree(trained_dir, target)
+  return target
+
+
+# ----------------------------------------------------------------------------
+# What a run leaves in MODEL_DIR.
+# ----------------------------------------------------------------------------
+
+
+def test_run_writes_metrics_config_and_tensorboard(trained_dir):
+  import json
+  lines = (trained_dir / 'metrics.jsonl').read_text().splitlines()
+  records = [json.loads(l) for l in lines]
+  assert [r['step'] for r in records] == [1, 2]
+  for r in records:
+    assert np.isfinite(r['loss']) and {'learning_rate', 'steps_per_sec',
+                                       'tokens_per_sec'} <= set(r)
+  config = (trained_dir / 'config.gin').read_text()
+  assert "MODEL_DIR = '" in config and 'TRAIN_STEPS = 2' in config
+  assert list((trained_dir / 'train').glob('events.out.tfevents.*'))
+
+
+def test_rerun_with_other_config_keeps_config_history(trained_dir, tmp_path):
+  model_dir = copy_of(trained_dir, tmp_path)
+  before = (model_dir / 'config.gin').read_text()
+  assert cli.run(demo_args(model_dir, steps=3, save=3)) == 0
+  assert (model_dir / 'config.gin').read_text() == before  # never overwritten
+  assert 'TRAIN_STEPS = 3' in (model_dir / 'config_2.gin').read_text()
+  assert (model_dir / 'checkpoint_3').is_dir()
+
+
+# ----------------------------------------------------------------------------
+# Resume after kill -9.
+# ----------------------------------------------------------------------------
+
+
+def test_kill9_then_rerun_resumes_to_identical_params(tmp_path, compilation_cache):
+  steps = 40
+  args = ['--gin.DROPOUT_RATE=0.1', '--gin.KEEP_CHECKPOINTS=None']
+  reference = tmp_path / 'reference'
+  assert cli.run(demo_args(reference, *args, steps=steps, save=10)) == 0
+
+  model_dir = tmp_path / 'killed'
+  command = [sys.executable, '-m', 'hyperprompt_t5x.cli',
+             *demo_args(model_dir, *args, steps=steps, save=10)]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)
+  seen = []
+  for line in proc.stdout:  # checkpoint_10 is complete before step 11 starts
+    seen.append(line)
+    if line.startswith('step 12/'):
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, ''.join(seen[-20:])
+  assert (model_dir / 'checkpoint_10').is_dir()
+  assert not (model_dir / f'checkpoint_{steps}').exists(), 'the run finished before the kill'
+
+  rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert 'Starting at step 0 ' not in rerun.stdout
+  assert '/checkpoint_' in rerun.stdout.split('Starting at step', 1)[1].splitlines()[0]
+  want, got = params_of(reference, steps), params_of(model_dir, steps)
+  assert sorted(want) == sorted(got)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+# ----------------------------------------------------------------------------
+# INITIAL_CHECKPOINT_PATH and freeze modes.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def from_t5x(tmp_path_factory, t5x_tiny_checkpoint):
+  """3 steps from the real T5X checkpoint, training only the task conditioning."""
+  model_dir = tmp_path_factory.mktemp('from_t5x') / 'run'
+  args = demo_args(model_dir, f'--gin.INITIAL_CHECKPOINT_PATH={t5x_tiny_checkpoint}',
+                   "--gin.FREEZE='conditioning'", '--gin.USE_HARDWARE_RNG=False',
+                   *[f'--gin_bindings={b}' for b in T5X_TINY], steps=3, save=3)
+  assert cli.run(args) == 0
+  return model_dir
+
+
+def _split(flat):
+  backbone = {k: v for k, v in flat.items() if not k.startswith('task_conditioning')}
+  conditioning = {k: v for k, v in flat.items() if k.startswith('task_conditioning')}
+  return backbone, conditioning
+
+
+@pytest.fixture(scope='module')
+def t5x_start(t5x_tiny_checkpoint, tmp_path_factory):
+  """Params `train` starts from: with INITIAL_CHECKPOINT_PATH, and without (fresh)."""
+  import jax
+  from hyperprompt_t5x import gin_config
+  gin_config.parse(['demo.gin'], macros=[('MODEL_DIR', '/tmp/unused')], bindings=T5X_TINY)
+  config = gin_config.model_config()
+
+  def start(path):
+    run = trainer.build_run(model_dir=str(tmp_path_factory.mktemp('start')), config=config,
+                            mixture_or_task_name='hyperprompt_demo',
+                            task_feature_lengths={'inputs': 8, 'targets': 2},
+                            settings=trainer.OptimizerSettings(optimizer='adamw'),
+                            initial_checkpoint_path=path)
+    return checkpoints.flatten_params(jax.device_get(run.state.params))
+
+  return start(str(t5x_tiny_checkpoint)), start(None)
+
+
+def _expected_backbone(t5x_tiny_checkpoint):
+  tree = checkpoints.load_t5x_params(str(t5x_tiny_checkpoint))
+  return {k: np.asarray(v, np.float32) for k, v in checkpoints.flatten_params(tree).items()}
+
+
+def test_initial_checkpoint_gives_backbone_and_fresh_conditioning(t5x_start,
+                                                                  t5x_tiny_checkpoint):
+  started, fresh = t5x_start
+  expected = _expected_backbone(t5x_tiny_checkpoint)
+  backbone, conditioning = _split(started)
+  assert sorted(backbone) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(backbone[name], value, err_msg=name)
+  assert conditioning, 'HyperPrompt-Global has task_conditioning params'
+  for name, value in conditioning.items():
+    np.testing.assert_array_equal(value, fresh[name], err_msg=name)
+  # The fresh backbone is not the checkpoint's: the comparison above can fail.
+  assert any(not np.array_equal(fresh[n], v) for n, v in expected.items())
+
+
+def test_freeze_conditioning_keeps_backbone_bit_identical(from_t5x, t5x_start,
+                                                          t5x_tiny_checkpoint):
+  started, _ = t5x_start
+  expected = _expected_backbone(t5x_tiny_checkpoint)
+  backbone, conditioning = _split(params_of(from_t5x, 3))
+  assert sorted(backbone) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(backbone[name], value, err_msg=name)
+  # The conditioning did train (3 steps moved it away from where it started).
+  assert any(not np.array_equal(v, started[n]) for n, v in conditioning.items())
+
+
+def test_freeze_all_trains_backbone(trained_dir, tmp_path):
+  """Control for the test above: with FREEZE='all' the backbone moves."""
+  model_dir = copy_of(trained_dir, tmp_path)
+  assert cli.run(demo_args(model_dir, steps=3, save=1)) == 0
+  before, after = params_of(model_dir, 2), params_of(model_dir, 3)
+  moved = [n for n in before if not n.startswith('task_conditioning')
+           and not np.array_equal(before[n], after[n])]
+  assert moved
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one clear error, MODEL_DIR untouched.
+# ----------------------------------------------------------------------------
+
+
+def test_model_dir_of_a_different_model(trained_dir, tmp_path):
+  model_dir = copy_of(trained_dir, tmp_path)
+  before = snapshot(model_dir)
+  with pytest.raises(ValueError, match='different model') as e:
+    cli.run(demo_args(model_dir, '--gin_bindings=T5Config.emb_dim = 32', steps=4))
+  assert 'emb_dim' in str(e.value)
+  assert snapshot(model_dir) == before
+
+
+def test_model_dir_of_a_different_method(trained_dir, tmp_path):
+  model_dir = copy_of(trained_dir, tmp_path)
+  before = snapshot(model_dir)
+  with pytest.raises(ValueError, match='different model'):
+    cli.run(demo_args(model_dir, "--gin_bindings=T5Config.method = 'share'", steps=4))
+  assert snapshot(model_dir) == before
+
+
+def test_truncated_checkpoint(trained_dir, tmp_path):
+  model_dir = copy_of(trained_dir, tmp_path)
+  files = sorted((p for p in (model_dir / 'checkpoint_2').rglob('*') if p.is_file()
+                  and 'state' in str(p.relative_to(model_dir))), key=lambda p: p.stat().st_size)
+  victim = files[-1]
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+  before = snapshot(model_dir)
+  with pytest.raises(ValueError, match='checkpoint_2') as e:
+    cli.run(demo_args(model_dir, steps=4))
+  assert 'corrupt' in str(e.value) or 'truncated' in str(e.value) or 'read' in str(e.value)
+  assert snapshot(model_dir) == before
+
+
+def test_checkpoint_with_missing_files(trained_dir, tmp_path):
+  model_dir = copy_of(trained_dir, tmp_path)
+  shutil.rmtree(model_dir / 'checkpoint_2' / 'state')
+  before = snapshot(model_dir)
+  with pytest.raises(ValueError, match='checkpoint_2'):
+    cli.run(demo_args(model_dir, steps=4))
+  assert snapshot(model_dir) == before
+
+
+def test_mixture_task_count_differs_from_num_tasks(tmp_path):
+  model_dir = tmp_path / 'run'
+  with pytest.raises(ValueError, match='NUM_TASKS') as e:
+    cli.run(demo_args(model_dir, '--gin.NUM_TASKS=4'))
+  assert '3 tasks' in str(e.value) and 'num_tasks=4' in str(e.value)
+  assert not model_dir.exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained_dir, tmp_path):
+  model_dir = copy_of(trained_dir, tmp_path)
+  good = {k: v for k, v in snapshot(model_dir).items() if k.startswith('checkpoint_2')}
+  with pytest.raises(trainer.TrainingDivergedError, match='checkpoint_2') as e:
+    cli.run(demo_args(model_dir, '--gin.LEARNING_RATE=1e39', "--gin.LR_SCHEDULE='constant'",
+                      steps=6, save=1))
+  assert 'nan' in str(e.value).lower() or 'inf' in str(e.value).lower()
+  after = snapshot(model_dir)
+  assert {k: v for k, v in after.items() if k.startswith('checkpoint_2')} == good
+  steps = sorted(int(p.name.split('_')[1]) for p in model_dir.glob('checkpoint_*'))
+  assert steps and steps[-1] <= 3, steps  # nothing saved after the loss went non-finite
+  for step in steps:
+    assert all(np.isfinite(v).all() for v in params_of(model_dir, step).values()), step
