@@ -203,19 +203,17 @@ class TaskConditioning(nn.Module):
         up = gen_up[..., :b * d_kv].reshape(num_m, num_t, b, d_kv)
         if cfg.hyper_bias:
           down_b, up_b = gen_down[..., d * b:], gen_up[..., b * d_kv:]
+      # Share keeps D, U as [M, 1, ...]: contract without materialising a task axis.
+      shared = down.shape[1] == 1
       # [T, l, d] x [M, T|1, d, b] -> [M, T, l, b]
-      if down.shape[1] == 1:
-        hidden = jnp.einsum('tld,mdb->mtlb', prompts, down[:, 0])
-      else:
-        hidden = jnp.einsum('tld,mtdb->mtlb', prompts, down)
+      hidden = jnp.einsum('tld,mdb->mtlb' if shared else 'tld,mtdb->mtlb', prompts,
+                          down[:, 0] if shared else down)
       if cfg.hyper_bias:
         hidden = hidden + down_b[:, :, None, :]
       hidden = jax.nn.relu(hidden)
       # [M, T, l, b] x [M, T|1, b, d_kv] -> [M, T, l, d_kv]
-      if up.shape[1] == 1:
-        generated = jnp.einsum('mtlb,mbk->mtlk', hidden, up[:, 0])
-      else:
-        generated = jnp.einsum('mtlb,mtbk->mtlk', hidden, up)
+      generated = jnp.einsum('mtlb,mbk->mtlk' if shared else 'mtlb,mtbk->mtlk', hidden,
+                             up[:, 0] if shared else up)
       if cfg.hyper_bias:
         generated = generated + up_b[:, :, None, :]
       # [M, T, l, d_kv] -> [M, batch, l, heads, head_dim]

@@ -18,8 +18,10 @@ Array = jax.Array
 
 
 def _host_check(config: network.T5Config, task_ids):
-  if task_ids is not None and not isinstance(task_ids, jax.core.Tracer) and config.conditioned:
-    network.check_task_ids(task_ids, config.num_tasks)
+  if task_ids is not None and config.conditioned:
+    concrete = network.concrete_value(task_ids)
+    if concrete is not None:
+      network.check_task_ids(concrete, config.num_tasks)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -151,6 +151,14 @@ def check_task_ids(task_ids, num_tasks: int) -> np.ndarray:
   return ids.astype(np.int32)
 
 
+def concrete_value(x) -> Optional[np.ndarray]:
+  """x as a numpy array, or None when it is traced (inside jit/grad/vmap)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
 def _remat(cls, policy_name: str, static_argnums):
   if policy_name == 'none':
     return cls
@@ -169,11 +177,36 @@ def _layer_adapters(adapters: Optional[Dict[str, Array]], layer: int):
   return {k: v[layer] for k, v in adapters.items()}
 
 
-def _maybe_adapt(y, adapters, position: int, task_ids, dtype):
-  if adapters is None:
-    return y
-  return cond_lib.apply_adapter(y, {k: v[position] for k, v in adapters.items()},
-                                task_ids, dtype)
+def _residual(cfg: T5Config, inputs, norm_name: str, sublayer, *, deterministic: bool,
+              adapters=None, position: int = 0, task_ids=None):
+  """T5 pre-norm sublayer: inputs + dropout(adapter(sublayer(norm(inputs)))).
+
+  Called inside a compact layer, so the norm is that layer's `norm_name`
+  child; the HyperFormer++ adapter (position 0 after attention, 1 after the
+  MLP) is applied only when `adapters` are given.
+  """
+  x = layers.LayerNorm(dtype=cfg.dtype, name=norm_name)(inputs)
+  x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+  x = sublayer(x)
+  if adapters is not None:
+    x = cond_lib.apply_adapter(x, {k: v[position] for k, v in adapters.items()},
+                               task_ids, cfg.dtype)
+  x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+  return nn.with_logical_constraint(x + inputs, ('batch', 'length', 'embed'))
+
+
+def _attention(cfg: T5Config, name: str) -> layers.MultiHeadDotProductAttention:
+  return layers.MultiHeadDotProductAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
+      dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
+      attention_impl=cfg.attention_impl, name=name)
+
+
+def _mlp(cfg: T5Config, deterministic: bool):
+  return lambda x: layers.MlpBlock(
+      intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
+      intermediate_dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
+      name='mlp')(x, deterministic=deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -184,28 +217,13 @@ class EncoderLayer(nn.Module):
   def __call__(self, inputs, encoder_mask, encoder_bias, prompts, adapters, task_ids,
                deterministic: bool = False):
     cfg = self.config
-    prompt_key, prompt_value = prompts if prompts is not None else (None, None)
-    x = layers.LayerNorm(dtype=cfg.dtype, name='pre_attention_layer_norm')(inputs)
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    x = layers.MultiHeadDotProductAttention(
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
-        dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
-        attention_impl=cfg.attention_impl, name='attention')(
-            x, x, encoder_mask, encoder_bias, prompt_key=prompt_key,
-            prompt_value=prompt_value, deterministic=deterministic)
-    x = _maybe_adapt(x, adapters, 0, task_ids, cfg.dtype)
-    x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
-    x = x + inputs
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    y = layers.LayerNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(x)
-    y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
-    y = layers.MlpBlock(intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
-                        intermediate_dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
-                        name='mlp')(y, deterministic=deterministic)
-    y = _maybe_adapt(y, adapters, 1, task_ids, cfg.dtype)
-    y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
-    y = y + x
-    return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+    pk, pv = prompts if prompts is not None else (None, None)
+    common = dict(deterministic=deterministic, adapters=adapters, task_ids=task_ids)
+    x = _residual(cfg, inputs, 'pre_attention_layer_norm', lambda h: _attention(
+        cfg, 'attention')(h, h, encoder_mask, encoder_bias, prompt_key=pk, prompt_value=pv,
+                          deterministic=deterministic), position=0, **common)
+    return _residual(cfg, x, 'pre_mlp_layer_norm', _mlp(cfg, deterministic), position=1,
+                     **common)
 
 
 class DecoderLayer(nn.Module):
@@ -217,40 +235,21 @@ class DecoderLayer(nn.Module):
                self_prompts, cross_prompts, adapters, task_ids, deterministic: bool = False,
                decode: bool = False):
     cfg = self.config
-    attention = lambda name: layers.MultiHeadDotProductAttention(
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
-        dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
-        attention_impl=cfg.attention_impl, name=name)
     pk, pv = self_prompts if self_prompts is not None else (None, None)
-    x = layers.LayerNorm(dtype=cfg.dtype, name='pre_self_attention_layer_norm')(inputs)
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    x = attention('self_attention')(x, x, decoder_mask, decoder_bias, prompt_key=pk,
-                                    prompt_value=pv, decode=decode,
-                                    deterministic=deterministic)
-    x = _maybe_adapt(x, adapters, 0, task_ids, cfg.dtype)
-    x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
-    x = x + inputs
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-
     ck, cv = cross_prompts if cross_prompts is not None else (None, None)
-    y = layers.LayerNorm(dtype=cfg.dtype, name='pre_cross_attention_layer_norm')(x)
-    y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
-    y = attention('encoder_decoder_attention')(y, encoded, encoder_decoder_mask, None,
-                                               prompt_key=ck, prompt_value=cv,
-                                               deterministic=deterministic)
-    y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
-    y = y + x
-    y = nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
-
-    z = layers.LayerNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(y)
-    z = nn.with_logical_constraint(z, ('batch', 'length', 'embed'))
-    z = layers.MlpBlock(intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
-                        intermediate_dropout_rate=cfg.dropout_rate, dtype=cfg.dtype,
-                        name='mlp')(z, deterministic=deterministic)
-    z = _maybe_adapt(z, adapters, 1, task_ids, cfg.dtype)
-    z = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(z, deterministic=deterministic)
-    z = z + y
-    return nn.with_logical_constraint(z, ('batch', 'length', 'embed'))
+    common = dict(deterministic=deterministic, adapters=adapters, task_ids=task_ids)
+    x = _residual(cfg, inputs, 'pre_self_attention_layer_norm', lambda h: _attention(
+        cfg, 'self_attention')(h, h, decoder_mask, decoder_bias, prompt_key=pk,
+                               prompt_value=pv, decode=decode, deterministic=deterministic),
+                  position=0, **common)
+    # No adapter after cross-attention (HyperFormer++ adapts self-attention and MLP).
+    y = _residual(cfg, x, 'pre_cross_attention_layer_norm', lambda h: _attention(
+        cfg, 'encoder_decoder_attention')(h, encoded, encoder_decoder_mask, None,
+                                          prompt_key=ck, prompt_value=cv,
+                                          deterministic=deterministic),
+                  deterministic=deterministic)
+    return _residual(cfg, y, 'pre_mlp_layer_norm', _mlp(cfg, deterministic), position=1,
+                     **common)
 
 
 def _relpos(cfg: T5Config) -> layers.RelativePositionBiases:
@@ -363,11 +362,12 @@ class Transformer(nn.Module):
         raise ValueError(f'task_ids is required: method={cfg.method!r} with '
                          f'num_tasks={cfg.num_tasks}')
       return jnp.zeros((batch,), jnp.int32)
-    if not isinstance(task_ids, jax.core.Tracer):
-      if cfg.conditioned:
-        check_task_ids(task_ids, cfg.num_tasks)
-    if task_ids.shape != (batch,):
-      raise ValueError(f'task_ids shape {task_ids.shape} != [batch] = ({batch},)')
+    if cfg.conditioned:
+      concrete = concrete_value(task_ids)
+      if concrete is not None:
+        check_task_ids(concrete, cfg.num_tasks)
+    if jnp.shape(task_ids) != (batch,):
+      raise ValueError(f'task_ids shape {jnp.shape(task_ids)} != [batch] = ({batch},)')
     return jnp.asarray(task_ids, jnp.int32)
 
   def compute_conditioning(self, task_ids, batch: int) -> Dict[str, Any]:

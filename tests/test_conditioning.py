@@ -52,10 +52,29 @@ CONFIGS['decoder_self_only'] = _config('global', prompt_encoder=False, prompt_de
                                        prompt_cross_attention=False)
 
 
+PADDING_METHODS = ('global', 'prompt_tuning', 'hyperformer')
+PAD_ENC = jnp.array([[5, 9, 12], [8, 4, 11]], jnp.int32)
+PAD_TGT = jnp.array([[6, 1], [13, 2]], jnp.int32)
+PAD_IDS = jnp.array([0, 2], jnp.int32)
+
+
 @jax.jit
 def _run_all(params, enc, tgt, ids):
-  return {name: _loss_grads_logits(cfg, params[name], enc, _shift_right(tgt), tgt, ids)
-          for name, cfg in CONFIGS.items()}
+  out = {name: _loss_grads_logits(cfg, params[name], enc, _shift_right(tgt), tgt, ids)
+         for name, cfg in CONFIGS.items() if name in CONDITIONED}
+  # Logits only (no grads needed) for the decoder-self-attention-only model.
+  logits = network.Transformer(CONFIGS['decoder_self_only']).apply(
+      {'params': params['decoder_self_only']}, enc, _shift_right(tgt), tgt, ids,
+      enable_dropout=False)
+  out['decoder_self_only'] = ((None, logits), None)
+  # Padding check (fixed inputs): logits without and with trailing padding.
+  padded_enc, padded_tgt = jnp.pad(PAD_ENC, ((0, 0), (0, 3))), jnp.pad(PAD_TGT, ((0, 0), (0, 2)))
+  for m in PADDING_METHODS:
+    model = network.Transformer(CONFIGS[m])
+    out[f'padding/{m}'] = tuple(
+        model.apply({'params': params[m]}, e, _shift_right(t), t, PAD_IDS, enable_dropout=False)
+        for e, t in ((PAD_ENC, PAD_TGT), (padded_enc, padded_tgt)))
+  return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,16 +98,15 @@ BATCHES = {
 
 
 @functools.lru_cache(maxsize=None)
+def _results(batch_name):
+  enc, tgt, ids = BATCHES[batch_name]
+  return _run_all(_params(), enc, tgt, jnp.asarray(ids))
+
+
 def _run(batch_name, config_name):
   """(logits as numpy, grads) of one config on one of BATCHES."""
-  if ('results', batch_name) not in _CACHE:
-    enc, tgt, ids = BATCHES[batch_name]
-    _CACHE[('results', batch_name)] = _run_all(_params(), enc, tgt, jnp.asarray(ids))
-  (_, logits), grads = _CACHE[('results', batch_name)][config_name]
+  (_, logits), grads = _results(batch_name)[config_name]
   return np.asarray(logits), grads
-
-
-_CACHE = {}
 
 
 @pytest.mark.parametrize('method', CONDITIONED)
@@ -142,30 +160,12 @@ def test_first_decoder_position_sees_decoder_self_attention_prompts():
   assert np.abs(logits[1, 0] - logits[2, 0]).max() > 1e-4
 
 
-PAD_CONFIGS = {m: _config(m) for m in ('global', 'prompt_tuning', 'hyperformer')}
-
-
 def test_padding_gets_no_attention():
   """Trailing padding (encoder and decoder) changes no logit of a real position."""
-  params = {m: network.random_params(cfg, seed=13) for m, cfg in PAD_CONFIGS.items()}
-  enc = jnp.array([[5, 9, 12], [8, 4, 11]], jnp.int32)
-  tgt = jnp.array([[6, 1], [13, 2]], jnp.int32)
-  ids = jnp.array([0, 2])
-  padded_enc, padded_tgt = jnp.pad(enc, ((0, 0), (0, 3))), jnp.pad(tgt, ((0, 0), (0, 2)))
-
-  @jax.jit
-  def run(params):
-    out = {}
-    for m, cfg in PAD_CONFIGS.items():
-      model = network.Transformer(cfg)
-      out[m] = (model.apply({'params': params[m]}, enc, _shift_right(tgt), tgt, ids,
-                            enable_dropout=False),
-                model.apply({'params': params[m]}, padded_enc, _shift_right(padded_tgt),
-                            padded_tgt, ids, enable_dropout=False))
-    return out
-  for m, (short, padded) in run(params).items():
+  for method in PADDING_METHODS:
+    short, padded = _results('mixed')[f'padding/{method}']
     np.testing.assert_allclose(np.asarray(padded)[:, :2], short, rtol=1e-5, atol=1e-5,
-                               err_msg=m)
+                               err_msg=method)
 
 
 def test_attention_ignores_masked_keys_but_always_sees_prompts():
@@ -206,27 +206,22 @@ def _head_norm(t):
   return float(jnp.mean(jnp.linalg.norm(t, axis=-1)))
 
 
-@functools.lru_cache(maxsize=1)
-def _real_key_value_norms():
+def _real_keys_values(rng):
   """Keys/values of a freshly initialised first layer (embed -> RMS norm -> k, v)."""
-  @jax.jit
-  def run(rng, tokens):
-    embed = layers.Embed(num_embeddings=64, features=64)
-    x = embed.apply(embed.init(rng, tokens), tokens)
-    x = layers.LayerNorm().apply({'params': {'scale': jnp.ones((64,))}}, x)
-    attn = layers.MultiHeadDotProductAttention(num_heads=4, head_dim=16)
-    params = attn.init(rng, x, x, deterministic=True)['params']
-    return [jnp.einsum('bld,dhk->blhk', x, params[n]['kernel'].reshape(64, 4, 16))
-            for n in ('key', 'value')]
   tokens = jax.random.randint(jax.random.PRNGKey(22), (4, 32), 2, 64)
-  return [_head_norm(t) for t in run(jax.random.PRNGKey(21), tokens)]
+  embed = layers.Embed(num_embeddings=64, features=64)
+  x = embed.apply(embed.init(rng, tokens), tokens)
+  x = layers.LayerNorm().apply({'params': {'scale': jnp.ones((64,))}}, x)
+  attn = layers.MultiHeadDotProductAttention(num_heads=4, head_dim=16)
+  params = attn.init(rng, x, x, deterministic=True)['params']
+  return [jnp.einsum('bld,dhk->blhk', x, params[n]['kernel'].reshape(64, 4, 16))
+          for n in ('key', 'value')]
 
 
 NORM_CASES = [
     ('share', dict(hyper_bias=True, prompt_cross_attention=True)),
     ('sep', {}),
     ('global', dict(hyper_bias=True)),
-    ('global', {}),
 ]
 
 
@@ -245,10 +240,11 @@ def test_prompt_norms_at_init_are_comparable_to_real_keys_and_values():
       cond = conditioning.TaskConditioning(cfg)
       variables = cond.init(rng, task_ids)
       out.append((variables['params'], cond.apply(variables, task_ids)))
-    return out
+    return out, _real_keys_values(rng)
 
-  real_norms = _real_key_value_norms()
-  for cfg, (cond_params, prompts) in zip(configs, init_and_generate(jax.random.PRNGKey(21))):
+  generated, real_kv = init_and_generate(jax.random.PRNGKey(21))
+  real_norms = [_head_norm(t) for t in real_kv]
+  for cfg, (cond_params, prompts) in zip(configs, generated):
     leaves = jax.tree_util.tree_leaves(cond_params)
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
     assert sum(x.size for x in leaves) == param_count.closed_form_added(cfg), cfg.method
