@@ -32,7 +32,9 @@ variance ~0.5 (ratio of norms ~0.7); tests check the ratio stays in 0.1x-10x.
 Generated weights are used as is: no normalisation at call time.
 
 Multi-task prompt tuning: `prompts` [T, l, d] prepended to the encoder input
-embeddings (normal(1) init, the token-embedding init scale).
+embeddings (normal(1) init, the token-embedding init scale); the prompt
+positions are never masked, take relative positions 0..l-1 like tokens, and
+stay in the encoder output that cross-attention reads.
 
 HyperFormer++ (Karimi Mahabadi et al. 2021): one adapter after the
 self-attention and one after the MLP of every encoder and decoder layer,
@@ -44,7 +46,7 @@ original) to D [d, a] + bias [a], U [a, d] + bias [d], γ [d], β [d]
 (a = adapter_dim). U, γ and β generators start small (std 1e-2 scale) so the
 adapters start close to the identity.
 """
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import flax.linen as nn
 import jax

@@ -10,7 +10,6 @@ from typing import Any, Optional
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 from hyperprompt_t5x import network
 

@@ -61,6 +61,10 @@ class T5Config:
   every encoder and decoder self-attention, not on cross-attention; no
   biases in h, H, D, U; HyperFormer++ adapter_dim 64.
   `dropout_rate` also drives attention-weight and MLP dropout, as in T5X.
+  attention_impl 'dot_product_attention' / 'cudnn' (jax.nn.dot_product_attention)
+  has no attention-weight dropout: while it is active (training with
+  dropout_rate > 0) attention falls back to 'xla'; set dropout_rate=0 (common
+  for fine-tuning) to use them in training.
   """
   vocab_size: int = 32128
   dtype: Any = jnp.bfloat16
