@@ -80,7 +80,8 @@ def select_platform(platform: Optional[str]) -> None:
   try:
     jax.devices()
   except Exception as e:  # pylint: disable=broad-except
-    print(f'warning: --platform {platform} is not available ({str(e).splitlines()[0]}); '
+    reason = (str(e) or type(e).__name__).splitlines()[0]
+    print(f'warning: --platform {platform} is not available ({reason}); '
           'falling back to CPU', file=sys.stderr)
     jax.config.update('jax_platforms', 'cpu')
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top

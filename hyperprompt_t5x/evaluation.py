@@ -227,6 +227,12 @@ def _restored_run(model_dir, model_config, mixture_or_task_name, task_feature_le
   ckpt_dir, step = _checkpoint_step(checkpoint_path)
   if ckpt_dir is not None:
     model_dir = ckpt_dir
+  steps = [p for p in (os.listdir(model_dir) if os.path.isdir(model_dir) else [])
+           if p.startswith('checkpoint_') and p[len('checkpoint_'):].isdigit()]
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in MODEL_DIR {model_dir} (nothing to evaluate)')
+  if step is not None and f'checkpoint_{step}' not in steps:
+    raise FileNotFoundError(f'no checkpoint_{step} in {model_dir}; it has {sorted(steps)}')
   lengths = trainer.validate_feature_lengths(task_feature_lengths)
   settings = trainer.OptimizerSettings(optimizer=optimizer, freeze=freeze)
   run = trainer.build_run(model_dir=model_dir, config=model_config,

@@ -190,7 +190,7 @@ def _walk_required(name: str, seen: set[str]) -> list[str]:
     try:
       value = gin.query_parameter(f'{name}.{param}')
     except ValueError:
-      if default.default is gin.REQUIRED:
+      if default.default is gin.REQUIRED or default.default is inspect.Parameter.empty:
         missing.append(f'{name}.{param}')
       continue
     label = f'{name}.{param}'

@@ -1,0 +1,105 @@
+"""The `hyperprompt-t5x` / `t5x` command line: flags, `params`, platform, errors."""
+import hashlib
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from hyperprompt_t5x import cli, gin_config, param_count
+
+
+def snapshot(directory) -> dict:
+  root = pathlib.Path(directory)
+  return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_split_gin_overrides():
+  rest, macros = cli.split_gin_overrides(
+      ['train', '--gin_file=a.gin', '--gin.MODEL_DIR=/tmp/x', '--gin.TRAIN_STEPS', '5',
+       "--gin.train.seed=3", '--platform=cpu'])
+  assert rest == ['train', '--gin_file=a.gin', '--platform=cpu']
+  assert macros == [('MODEL_DIR', '/tmp/x'), ('TRAIN_STEPS', '5'), ('train.seed', '3')]
+
+
+def _leaf_count(config) -> int:
+  """Parameter count of the model itself, from its abstract init (independent of param_count)."""
+  import jax
+  from hyperprompt_t5x import models
+  params = models.EncoderDecoderModel(config).init_abstract(1, 8, 2)['params']
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_params_json_matches_param_count_and_the_model(capsys):
+  assert cli.main(['params', '--gin_file=demo.gin', '--json']) == 0
+  printed = json.loads(capsys.readouterr().out)
+  config = gin_config.model_config()
+  assert printed == json.loads(json.dumps(param_count.count_params(config)))
+  assert printed['total'] == _leaf_count(config)
+  assert printed['method'] == 'global' and printed['num_tasks'] == 3
+
+
+def test_params_table(capsys):
+  assert cli.main(['params', '--gin_file=hyperprompt_small.gin']) == 0
+  out = capsys.readouterr().out
+  counts = param_count.count_params(gin_config.model_config())
+  assert f'{counts["total"]:,}' in out and f'{counts["added"]:,}' in out
+  assert out.splitlines()[0].split()[0] == 'total'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['train', '--gin_file=nope.gin'], "gin file 'nope.gin' not found; looked in"),
+    (['train', '--gin_file=demo.gin', '--gin.TRAIN_STEP=5'], "unknown macro 'TRAIN_STEP'"),
+    (['train', '--gin_file=demo.gin', '--gin_bindings=train.bogus = 1'], 'bogus'),
+    (['train', '--gin_file=demo.gin'], 'required macro not set: MODEL_DIR'),
+    (['eval', '--gin_file=runs/finetune.gin'], 'evaluate.model_dir'),
+])
+def test_config_errors_are_one_line_and_touch_nothing(argv, message, tmp_path, capsys):
+  model_dir = tmp_path / 'model'
+  model_dir.mkdir()
+  (model_dir / 'config.gin').write_text('# an earlier run\n')
+  before = snapshot(model_dir)
+  if 'MODEL_DIR' not in message:
+    argv = argv + [f'--gin.MODEL_DIR={model_dir}']
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: ') and message in err, err
+  assert 'Traceback' not in err
+  assert snapshot(model_dir) == before
+
+
+def test_eval_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+  assert cli.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={tmp_path / "none"}']) == 2
+  assert 'no checkpoint' in capsys.readouterr().err
+
+
+def _bin(name: str) -> str:
+  path = pathlib.Path(sys.executable).parent / name
+  if not path.exists():
+    pytest.skip(f'console script {name} is not installed next to {sys.executable} '
+                '(pip install -e . creates it)')
+  return str(path)
+
+
+def test_console_scripts_and_platform_fallback():
+  """`t5x` and `hyperprompt-t5x` run; --platform gpu without a GPU falls back to CPU."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  out = subprocess.run([_bin('t5x'), 'params', '--gin_file=demo.gin', '--json'],
+                       capture_output=True, text=True, env=env, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)['method'] == 'global'
+  assert _bin('hyperprompt-t5x')
+  code = ('import jax; from hyperprompt_t5x import cli; cli.select_platform("gpu"); '
+          'print(jax.devices()[0].platform)')
+  probe = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env=env, timeout=120)
+  assert probe.returncode == 0, probe.stderr
+  import jax
+  if any(d.platform == 'gpu' for d in jax.devices()):
+    pytest.skip('this machine has a GPU: no fallback to test')
+  assert probe.stdout.split()[-1] == 'cpu'
+  assert 'falling back to CPU' in probe.stderr
