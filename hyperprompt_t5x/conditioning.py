@@ -248,9 +248,11 @@ class TaskConditioning(nn.Module):
   def _projector(self, joined: Array, use_bias: bool) -> Array:
     """Two-layer ReLU MLP [..., n·t'] -> [..., t] with unit-variance output at init."""
     t = self.config.layer_task_dim
-    hidden = jax.nn.relu(Linear(t, use_bias, ('task_embed', 'layer_task'),
+    # Distinct names for the two sides of the square kernel: flax's axis rules
+    # reject a logical name that repeats within one array.
+    hidden = jax.nn.relu(Linear(t, use_bias, ('task_embed', 'layer_task_hidden'),
                                 name='layer_task_hidden')(joined))
-    return Linear(t, use_bias, ('layer_task', 'layer_task'),
+    return Linear(t, use_bias, ('layer_task_hidden', 'layer_task'),
                   nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal'),
                   name='layer_task_out')(hidden)
 

@@ -27,8 +27,8 @@ LogicalRules = Sequence[tuple[str, Optional[str | tuple[str, ...]]]]
 # Logical names used by task-conditioning parameters (conditioning.py). All
 # small, so replicated; a rule must exist for each so the mapping is explicit.
 CONDITIONING_AXES = (
-    'tasks', 'prompt_len', 'task_embed', 'layer_task', 'hyper_blocks', 'hyper_bottleneck',
-    'hyper_generated', 'hyper_layers', 'hyper_positions', 'layers', 'stack')
+    'tasks', 'prompt_len', 'task_embed', 'layer_task', 'layer_task_hidden', 'hyper_blocks',
+    'hyper_bottleneck', 'hyper_generated', 'hyper_layers', 'hyper_positions', 'layers', 'stack')
 
 
 def standard_logical_axis_rules(

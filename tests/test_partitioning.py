@@ -115,3 +115,18 @@ def test_eight_host_devices_mesh_and_batch_sharding():
   out = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES], env=env,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize('method', ['share', 'sep', 'global', 'prompt_tuning', 'hyperformer'])
+def test_every_param_has_known_distinct_logical_axes(method):
+  """flax's axis rules (activation constraints) reject a name repeated in one array."""
+  from hyperprompt_t5x import network
+  config = network.T5Config.from_size('tiny', method=method, num_tasks=3)
+  specs = jax.tree_util.tree_leaves(network.param_logical_axes(config),
+                                    is_leaf=lambda x: isinstance(x, P))
+  known = {name for name, _ in partitioning.standard_logical_axis_rules()}
+  assert specs
+  for spec in specs:
+    names = [n for n in spec if n is not None]
+    assert len(names) == len(set(names)), spec
+    assert set(names) <= known, (spec, known)
