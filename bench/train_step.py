@@ -47,6 +47,7 @@ SIZES = ('tiny', 'small', 'base', 'large', 'xl', 'xxl')
 METHODS = flops_lib.ALL_METHODS
 FREEZE = ('all', 'conditioning')
 OPTIMIZERS = ('adamw', 'adafactor')
+# Keys every successful record carries, in train_step.py and hf_peer.py alike.
 RESULT_KEYS = (
     'impl', 'size', 'method', 'freeze', 'optimizer', 'batch', 'inputs_len', 'targets_len',
     'dtype', 'attention_impl', 'remat_policy', 'num_params', 'num_trainable_params',

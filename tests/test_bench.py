@@ -20,9 +20,8 @@ if str(REPO) not in sys.path:
 from bench import flops  # noqa: E402
 from bench import train_step  # noqa: E402  (no jax at import)
 
-REQUIRED_KEYS = ('step_ms_median', 'step_ms_p10', 'step_ms_p90', 'tokens_per_s',
-                 'model_tflops_per_s', 'model_flops_per_step', 'peak_memory_bytes',
-                 'peak_memory_source', 'compile_s', 'overhead_vs_none_pct', 'error')
+# The keys both scripts must write, so one run compares side by side.
+REQUIRED_KEYS = train_step.RESULT_KEYS
 
 # D=8, H=2, K=4 (HK=8), F=16, one encoder and one decoder layer, V=32.
 TINY = flops.Dims(emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16, num_encoder_layers=1,
