@@ -85,6 +85,20 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def apply_xla_flags(flags: Optional[str]) -> bool:
+  """Appends `flags` to $XLA_FLAGS before the backend starts; False if too late."""
+  if not flags:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  started = getattr(xla_bridge, 'backends_are_initialized', lambda: True)()
+  if started:
+    print(f'note: XLA flags {flags!r} not applied: the JAX backend is already running',
+          file=sys.stderr)
+    return False
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flags).strip()
+  return True
+
+
 # ----------------------------------------------------------------------------
 # Validation of the arguments and the data against the model.
 # ----------------------------------------------------------------------------
@@ -326,6 +340,7 @@ def train(*,
           shuffle: bool = True,
           tensorboard: bool = True,
           use_hardware_rng: bool = False,
+          xla_flags: Optional[str] = None,
           config_str: Optional[str] = None) -> dict:
   """Trains (or resumes training) to `train_steps`; returns a summary dict.
 
@@ -338,7 +353,10 @@ def train(*,
   operative gin config, saved as MODEL_DIR/config.gin. use_hardware_rng
   (USE_HARDWARE_RNG, as T5X) switches JAX to the `unsafe_rbg` PRNG: much faster
   to compile and run, different random numbers than the default threefry.
+  xla_flags (XLA_FLAGS) are added to the XLA_FLAGS environment variable if JAX
+  has not started its backend yet (a fresh CLI process), else ignored with a note.
   """
+  apply_xla_flags(xla_flags)
   _require('model_dir', model_dir, str)
   _require('mixture_or_task_name', mixture_or_task_name, str)
   _require('train_steps', train_steps, int, positive=True)
@@ -386,11 +404,19 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
   compiled = {}
 
   def precompile(plan: Plan, step_fn) -> None:
-    """Compiles the train step (AOT fills jit's cache) beside the initialisation."""
-    first, _, _ = data_future.result()
-    batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
-                                     v.dtype, sharding=partitioning.batch_sharding(plan.mesh))
-             for k, v in first.items()}
+    """Compiles the train step (AOT fills jit's cache) beside the initialisation.
+
+    The batch is described from the feature lengths (the data's features are all
+    int32); if the real batch differs, the first step simply compiles again.
+    """
+    sharding = partitioning.batch_sharding(plan.mesh)
+    shapes = {'encoder_input_tokens': (batch_size, lengths['inputs']),
+              'decoder_target_tokens': (batch_size, lengths['targets']),
+              'decoder_input_tokens': (batch_size, lengths['targets']),
+              'decoder_loss_weights': (batch_size, lengths['targets']),
+              'task_ids': (batch_size,)}
+    batch = {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=sharding)
+             for k, v in shapes.items()}
     state = train_state.abstract_with_shardings(plan.abstract_state, plan.shardings)
     step_fn.jitted.lower(state, batch, rng).compile()
 

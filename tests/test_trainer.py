@@ -44,10 +44,10 @@ def compilation_cache(tmp_path_factory):
 
 
 def demo_args(model_dir, *extra, steps=2, save=2):
-  """The demo with dropout on (so resumed runs must reproduce the dropout masks too)."""
+  """The demo's model and optimizer (the compiled step is shared with test_demo.py)."""
   return ['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
           f'--gin.TRAIN_STEPS={steps}', f'--gin.SAVE_PERIOD={save}', '--gin.EVAL_PERIOD=None',
-          '--gin.LOG_PERIOD=1', '--gin.DROPOUT_RATE=0.1', *extra]
+          '--gin.LOG_PERIOD=1', '--gin.XLA_FLAGS=None', *extra]
 
 
 def snapshot(directory) -> dict:
@@ -155,7 +155,7 @@ def from_t5x(tmp_path_factory, t5x_tiny_checkpoint):
   """3 steps from the real T5X checkpoint, training only the task conditioning."""
   model_dir = tmp_path_factory.mktemp('from_t5x') / 'run'
   args = demo_args(model_dir, f'--gin.INITIAL_CHECKPOINT_PATH={t5x_tiny_checkpoint}',
-                   "--gin.FREEZE='conditioning'", '--gin.USE_HARDWARE_RNG=False',
+                   "--gin.FREEZE='conditioning'",
                    *[f'--gin_bindings={b}' for b in T5X_TINY], steps=3, save=3)
   assert cli.run(args) == 0
   return model_dir
@@ -183,7 +183,12 @@ def t5x_start(t5x_tiny_checkpoint, tmp_path_factory):
                             initial_checkpoint_path=path)
     return checkpoints.flatten_params(jax.device_get(run.state.params))
 
-  return start(str(t5x_tiny_checkpoint)), start(None)
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update('jax_default_prng_impl', 'unsafe_rbg')  # demo.gin's USE_HARDWARE_RNG
+  try:
+    return start(str(t5x_tiny_checkpoint)), start(None)
+  finally:
+    jax.config.update('jax_default_prng_impl', previous)
 
 
 def _expected_backbone(t5x_tiny_checkpoint):
