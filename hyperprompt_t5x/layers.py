@@ -298,11 +298,11 @@ def dot_product_attention(query: Array, key: Array, value: Array,
         implementation='cudnn' if impl == 'cudnn' else None)
     return jnp.asarray(out, dtype)
 
-  if float32_logits:
-    query = jnp.asarray(query, jnp.float32)
-    key = jnp.asarray(key, jnp.float32)
+  # float32 logits from the operands as they are: products of bf16 numbers are
+  # exact in float32, so this equals casting q, k first, at the bf16 matmul rate.
+  logits_dtype = jnp.float32 if float32_logits else None
   # [batch, q, heads, kv] x [batch, k, heads, kv] -> [batch, heads, q, k]
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=logits_dtype)
   if bias is not None:
     logits = logits + jnp.asarray(bias, logits.dtype)
   weights = jax.nn.softmax(logits).astype(dtype)
