@@ -33,8 +33,10 @@ def compilation_cache(tmp_path_factory):
 def demo_run(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp('demo') / 'run'
   argv = ['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
-          f'--gin.TRAIN_STEPS={STEPS}', f'--gin.EVAL_PERIOD={STEPS // 2}',
-          f'--gin.SAVE_PERIOD={STEPS}']
+          f'--gin.TRAIN_STEPS={STEPS}', f'--gin.EVAL_PERIOD={STEPS}',
+          f'--gin.SAVE_PERIOD={STEPS}',
+          # demo.gin's XLA flags would change the whole pytest process's XLA set-up.
+          '--gin.XLA_FLAGS=None']
   assert cli.main(argv) == 0
   return model_dir
 
@@ -48,7 +50,7 @@ def test_demo_learns_every_task_far_above_chance(demo_run, capsys):
   # the majority answer gets <= 1/8 (max/min) or ~1/2 (has_a).
   for name, entry in tasks.items():
     assert entry['score'] >= 90.0, (name, entry)
-    assert entry['step'] in (STEPS // 2, STEPS)
+    assert entry['step'] == STEPS
   assert best['average'] >= 90.0
   records = [json.loads(l) for l in (demo_run / 'metrics.jsonl').read_text().splitlines()]
   assert any('validation/average_score' in r for r in records)
