@@ -236,7 +236,10 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
     restored_from = 'fresh initialisation'
     if initial_checkpoint_path:
       from hyperprompt_t5x import checkpoints  # pylint: disable=g-import-not-at-top
-      fresh = jax.device_get(state.params)
+      # Only the (small, replicated) conditioning leaves come to the host; the
+      # backbone's shapes and dtypes are all the merge needs from the fresh tree.
+      fresh = {k: (jax.device_get(v) if k == checkpoints.CONDITIONING_KEY
+                   else abstract_state.params[k]) for k, v in state.params.items()}
       params = checkpoints.load_pretrained(str(initial_checkpoint_path), config,
                                            fresh_params=fresh)
       state, shardings = train_state.create_train_state(
