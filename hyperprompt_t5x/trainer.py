@@ -439,7 +439,10 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
                       settings=settings, num_partitions=num_partitions, seed=seed,
                       store=store, initial_checkpoint_path=initial_checkpoint_path,
                       on_plan=on_plan)
-    finally:
+    except BaseException:  # the set-up error wins over anything the threads raise
+      concurrent.futures.wait([data_future] + [compiled[k] for k in ('future',) if k in compiled])
+      raise
+    else:
       _, batches, eval_data = data_future.result()
       if 'future' in compiled:
         try:
