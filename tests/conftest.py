@@ -6,6 +6,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('USE_TF', '0')
 os.environ.setdefault('TFDS_DISABLE_GCS', '1')
+# XLA's CPU compile dominates this suite (tiny models, many configs): skip
+# LLVM's expensive passes. Tests that start their own JAX processes set
+# XLA_FLAGS themselves.
+os.environ.setdefault(
+    'XLA_FLAGS', '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
 
 import pytest  # noqa: E402
 
