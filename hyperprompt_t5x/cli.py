@@ -132,12 +132,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   known = (ValueError, FileNotFoundError, FileExistsError, trainer.TrainingDivergedError)
   try:
     return run(argv)
-  except known as e:
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, known) and not _is_tensorflow_io_error(e):
+      raise
     if os.environ.get('HYPERPROMPT_TRACEBACK'):
       raise
     kind = 'training diverged' if isinstance(e, trainer.TrainingDivergedError) else 'error'
-    print(f'{kind}: {e}', file=sys.stderr)
+    message = str(e).strip()
+    if _is_tensorflow_io_error(e):  # e.g. gs:// unreachable: vocabulary, TFDS, checkpoint
+      message = ' '.join(message.split()) + (
+          ' (offline? set HYPERPROMPT_VOCABULARY, HYPERPROMPT_GLUE_DIR / '
+          'HYPERPROMPT_SUPER_GLUE_DIR and --gin.INITIAL_CHECKPOINT_PATH to local paths)')
+    print(f'{kind}: {message}', file=sys.stderr)
     return 2
+
+
+def _is_tensorflow_io_error(e: BaseException) -> bool:
+  """TensorFlow's I/O errors (tf.errors.OpError), without importing TensorFlow."""
+  tf = sys.modules.get('tensorflow')
+  return tf is not None and isinstance(e, tf.errors.OpError)
 
 
 if __name__ == '__main__':

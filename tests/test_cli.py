@@ -103,3 +103,23 @@ def test_console_scripts_and_platform_fallback():
     pytest.skip('this machine has a GPU: no fallback to test')
   assert probe.stdout.split()[-1] == 'cpu'
   assert 'falling back to CPU' in probe.stderr
+
+
+def test_the_users_main_command_offline_is_one_clear_error(tmp_path):
+  """`t5x train --gin_file=hyperprompt_base.gin`, exactly: MODEL_DIR has a default,
+  and an unreachable gs:// vocabulary is reported in one line; nothing is written.
+
+  The vocabulary is a gs:// path that exists nowhere, so the check is the same
+  with or without internet (the default is T5's public 32k model).
+  """
+  vocab = 'gs://hyperprompt-t5x-no-such-bucket/sentencepiece.model'
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('HYPERPROMPT_GLUE_DIR', 'HYPERPROMPT_TRACEBACK')}
+  env['HYPERPROMPT_VOCABULARY'] = vocab
+  run = subprocess.run([_bin('t5x'), 'train', '--gin_file=hyperprompt_base.gin'],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+  errors = [l for l in run.stderr.splitlines() if l.startswith('error:')]
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert len(errors) == 1 and vocab in errors[0], run.stderr[-2000:]
+  assert 'Traceback' not in run.stderr
+  assert list(tmp_path.iterdir()) == []
