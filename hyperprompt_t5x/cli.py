@@ -128,6 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Console entry point; configuration errors -> one line on stderr, exit 2."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   argv = sys.argv[1:] if argv is None else argv
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  # seqio / orbax advice (uncached FunctionDataset, deprecated options) is noise
+  # for users of this CLI; errors still show.
+  absl_logging.set_verbosity(absl_logging.ERROR)
   from hyperprompt_t5x import trainer  # pylint: disable=g-import-not-at-top
   known = (ValueError, FileNotFoundError, FileExistsError, trainer.TrainingDivergedError)
   try:
