@@ -34,3 +34,24 @@ def shared_data() -> pathlib.Path:
 def t5x_tiny_checkpoint(shared_data) -> pathlib.Path:
   """A real T5X legacy checkpoint of a tiny T5 1.1 (emb 8, 4x3 heads, 2+2 layers)."""
   return shared_data / 't5x' / 'test_t5_tiny.checkpoint_0'
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache for one test module (and its subprocesses).
+
+  One XLA compile per distinct program across the runs a module starts: the
+  trainer and demo tests build the same tiny programs many times.
+  """
+  import jax
+  cache = tmp_path_factory.getbasetemp() / 'xla_cache'
+  cache.mkdir(exist_ok=True)
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', str(cache))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  yield cache
+  for n, v in before.items():
+    jax.config.update(n, v)

@@ -13,20 +13,9 @@ STEPS = 80  # the full demo trains 150; the tasks are learnt by about step 75
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Share compiled programs with the other test modules of this session."""
-  import jax
-  cache = tmp_path_factory.getbasetemp() / 'xla_cache'
-  cache.mkdir(exist_ok=True)
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update('jax_compilation_cache_dir', str(cache))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  yield
-  for n, v in before.items():
-    jax.config.update(n, v)
+def _shared_compilation_cache(compilation_cache):
+  """The persistent XLA cache of conftest.py for every test here."""
+  return compilation_cache
 
 
 @pytest.fixture(scope='module')

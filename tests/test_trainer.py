@@ -27,20 +27,9 @@ T5X_TINY = ['T5Config.vocab_size = 32128', 'T5Config.emb_dim = 8', 'T5Config.num
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One XLA compile per distinct program across this session's runs (and subprocesses)."""
-  import jax
-  cache = tmp_path_factory.getbasetemp() / 'xla_cache'
-  cache.mkdir(exist_ok=True)
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update('jax_compilation_cache_dir', str(cache))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  yield cache
-  for n, v in before.items():
-    jax.config.update(n, v)
+def _shared_compilation_cache(compilation_cache):
+  """The persistent XLA cache of conftest.py for every test here."""
+  return compilation_cache
 
 
 def demo_args(model_dir, *extra, steps=2, save=2):
