@@ -77,21 +77,9 @@ def _dataset_fn(task: str):
 
 def register() -> List[str]:
   """(Re-)registers the demo tasks (byte vocabulary); returns their names."""
-  output_features = {
-      'inputs': seqio.Feature(vocab.DEMO_VOCABULARY, add_eos=True),
-      'targets': seqio.Feature(vocab.DEMO_VOCABULARY, add_eos=True),
-  }
-  names = []
-  for task in MIXTURE_TASKS:
-    name = PREFIX + task
-    seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=seqio.FunctionDataSource(_dataset_fn(task), splits=list(SPLIT_SIZES),
-                                        num_input_examples=dict(SPLIT_SIZES)),
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-        output_features=output_features,
-        postprocess_fn=postprocessors.identity_text,
-        metric_fns=[metrics.accuracy])
-    names.append(name)
-  return names
+  return [vocab.register_text_task(
+      PREFIX + task, vocab.DEMO_VOCABULARY,
+      source=seqio.FunctionDataSource(_dataset_fn(task), splits=list(SPLIT_SIZES),
+                                      num_input_examples=dict(SPLIT_SIZES)),
+      preprocessors=[], postprocess_fn=postprocessors.identity_text,
+      metric_fns=[metrics.accuracy]) for task in MIXTURE_TASKS]

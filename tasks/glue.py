@@ -16,6 +16,7 @@ from . import metrics
 from . import postprocessors
 from . import preprocessors
 from . import sources
+from . import vocab
 
 PREFIX = 'hyperprompt_glue_'
 
@@ -116,24 +117,10 @@ def _postprocessor(task: GlueTask):
 
 def register(vocabulary: seqio.Vocabulary) -> List[str]:
   """(Re-)registers every GLUE task with `vocabulary`; returns their names."""
-  output_features = {
-      'inputs': seqio.Feature(vocabulary, add_eos=True),
-      'targets': seqio.Feature(vocabulary, add_eos=True),
-  }
-  names = []
-  for task in GLUE_TASKS.values():
-    name = PREFIX + task.name
-    seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=task_source(task),
-        preprocessors=[_text_preprocessor(task), seqio.preprocessors.tokenize,
-                       seqio.preprocessors.append_eos_after_trim],
-        output_features=output_features,
-        postprocess_fn=_postprocessor(task),
-        metric_fns=list(task.metric_fns))
-    names.append(name)
-  return names
+  return [vocab.register_text_task(
+      PREFIX + task.name, vocabulary, source=task_source(task),
+      preprocessors=[_text_preprocessor(task)], postprocess_fn=_postprocessor(task),
+      metric_fns=task.metric_fns) for task in GLUE_TASKS.values()]
 
 
 def mixing_counts() -> Dict[str, int]:

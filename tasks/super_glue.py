@@ -14,6 +14,7 @@ from . import metrics
 from . import postprocessors
 from . import preprocessors
 from . import sources
+from . import vocab
 
 PREFIX = 'hyperprompt_super_glue_'
 
@@ -76,25 +77,10 @@ def _postprocessor(task: SuperGlueTask):
 
 def register(vocabulary: seqio.Vocabulary) -> List[str]:
   """(Re-)registers every SuperGLUE task with `vocabulary`; returns their names."""
-  output_features = {
-      'inputs': seqio.Feature(vocabulary, add_eos=True),
-      'targets': seqio.Feature(vocabulary, add_eos=True),
-  }
-  names = []
-  for task in SUPER_GLUE_TASKS.values():
-    name = PREFIX + task.name
-    steps = [_text_preprocessor(task)]
-    seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=task_source(task),
-        preprocessors=steps + [seqio.preprocessors.tokenize,
-                               seqio.preprocessors.append_eos_after_trim],
-        output_features=output_features,
-        postprocess_fn=_postprocessor(task),
-        metric_fns=list(task.metric_fns))
-    names.append(name)
-  return names
+  return [vocab.register_text_task(
+      PREFIX + task.name, vocabulary, source=task_source(task),
+      preprocessors=[_text_preprocessor(task)], postprocess_fn=_postprocessor(task),
+      metric_fns=task.metric_fns) for task in SUPER_GLUE_TASKS.values()]
 
 
 def mixing_counts() -> Dict[str, int]:

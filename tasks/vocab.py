@@ -64,3 +64,19 @@ def replace(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabulary:
   """Makes `spec` the current vocabulary (the caller re-registers the tasks)."""
   _Current.vocabulary = make_vocabulary(spec)
   return _Current.vocabulary
+
+
+def register_text_task(name: str, vocabulary: seqio.Vocabulary, *, source: seqio.DataSource,
+                       preprocessors, postprocess_fn, metric_fns) -> str:
+  """(Re-)registers a text-to-text task: `preprocessors`, then tokenize + EOS."""
+  features = {key: seqio.Feature(vocabulary, add_eos=True) for key in ('inputs', 'targets')}
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name,
+      source=source,
+      preprocessors=list(preprocessors) + [seqio.preprocessors.tokenize,
+                                           seqio.preprocessors.append_eos_after_trim],
+      output_features=features,
+      postprocess_fn=postprocess_fn,
+      metric_fns=list(metric_fns))
+  return name
