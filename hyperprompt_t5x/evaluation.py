@@ -219,8 +219,10 @@ def _checkpoint_step(checkpoint_path: Optional[str]) -> tuple:
                    'directory (leave it None for the latest checkpoint in MODEL_DIR)')
 
 
-def _restored_run(model_dir, model_config, mixture_or_task_name, task_feature_lengths,
-                  checkpoint_path, num_partitions, optimizer, freeze):
+def _restored_evaluator(model_dir, model_config, mixture_or_task_name, task_feature_lengths,
+                        checkpoint_path, num_partitions, optimizer, freeze, *, split,
+                        batch_size, max_examples):
+  """The run restored from a MODEL_DIR checkpoint and an Evaluator over its tasks."""
   from hyperprompt_t5x import trainer  # pylint: disable=g-import-not-at-top
   if not isinstance(model_dir, str):
     raise ValueError(f'model_dir must be a path, got {model_dir!r} (gin macro MODEL_DIR)')
@@ -240,7 +242,10 @@ def _restored_run(model_dir, model_config, mixture_or_task_name, task_feature_le
                           task_feature_lengths=lengths, settings=settings,
                           num_partitions=num_partitions, checkpoint_step=step,
                           require_checkpoint=True)
-  return run, lengths, model_dir
+  evaluator = Evaluator(run, mixture_or_task_name, lengths, split=split,
+                        batch_size=batch_size, max_examples=max_examples,
+                        model_dir=model_dir)
+  return run, evaluator, model_dir
 
 
 def evaluate(*, model_dir: str, model_config, mixture_or_task_name: str,
@@ -253,12 +258,10 @@ def evaluate(*, model_dir: str, model_config, mixture_or_task_name: str,
   Results go to MODEL_DIR/eval_<split>_<step>.json and the table to stdout;
   best.json is not touched (it tracks the training run's periodic evals).
   """
-  run, lengths, model_dir = _restored_run(
+  run, evaluator, model_dir = _restored_evaluator(
       model_dir, model_config, mixture_or_task_name, task_feature_lengths,
-      checkpoint_path, num_partitions, optimizer, freeze)
-  evaluator = Evaluator(run, mixture_or_task_name, lengths, split=split,
-                        batch_size=batch_size, max_examples=max_examples,
-                        model_dir=model_dir)
+      checkpoint_path, num_partitions, optimizer, freeze, split=split,
+      batch_size=batch_size, max_examples=max_examples)
   results = evaluator.scores(run.state.params)
   out = {'step': run.start_step, 'split': split, 'tasks': results,
          'average': float(np.mean([task_score(m) for m in results.values()]))}
@@ -278,12 +281,10 @@ def infer(*, model_dir: str, model_config, mixture_or_task_name: str,
           output_path: Optional[str] = None, num_partitions: int = 1,
           optimizer: str = 'adafactor', freeze: str = 'all') -> str:
   """Writes predictions as JSONL: one {inputs, target, prediction, task} per example."""
-  run, lengths, model_dir = _restored_run(
+  run, evaluator, model_dir = _restored_evaluator(
       model_dir, model_config, mixture_or_task_name, task_feature_lengths,
-      checkpoint_path, num_partitions, optimizer, freeze)
-  evaluator = Evaluator(run, mixture_or_task_name, lengths, split=split,
-                        batch_size=batch_size, max_examples=max_examples,
-                        model_dir=model_dir)
+      checkpoint_path, num_partitions, optimizer, freeze, split=split,
+      batch_size=batch_size, max_examples=max_examples)
   path = output_path or os.path.join(model_dir, f'predictions_{split}_{run.start_step}.jsonl')
   if os.path.exists(path):
     raise FileExistsError(f'{path} exists; choose another INFER_OUTPUT_PATH')
