@@ -55,3 +55,18 @@ def compilation_cache(tmp_path_factory):
   yield cache
   for n, v in before.items():
     jax.config.update(n, v)
+
+
+@pytest.fixture(scope='module')
+def byte_task_vocabulary():
+  """GLUE/SuperGLUE tasks on seqio's byte vocabulary for one module, restored after.
+
+  The default T5 SentencePiece model is on gs://, unreachable offline. Also
+  clears any data folders the module set.
+  """
+  from hyperprompt_t5x import tasks
+  previous = tasks.get_vocabulary()
+  vocabulary = tasks.set_vocabulary('byte')
+  yield vocabulary
+  tasks.set_vocabulary(previous)
+  tasks.set_data_dirs(None, None)

@@ -16,12 +16,8 @@ BYTE = seqio.ByteVocabulary()
 
 
 @pytest.fixture(scope='module', autouse=True)
-def byte_vocabulary():
-  previous = tasks.get_vocabulary()
-  tasks.set_vocabulary('byte')
-  yield
-  tasks.set_vocabulary(previous)
-  tasks.set_data_dirs(None, None)
+def byte_vocabulary(byte_task_vocabulary):
+  return byte_task_vocabulary
 
 
 @pytest.fixture(scope='module')

@@ -12,11 +12,8 @@ LENGTHS = {'inputs': 256, 'targets': 16}
 
 
 @pytest.fixture(scope='module', autouse=True)
-def byte_vocabulary():
-  previous = tasks.get_vocabulary()
-  tasks.set_vocabulary('byte')  # the default T5 model is on gs://, not reachable offline
-  yield
-  tasks.set_vocabulary(previous)
+def byte_vocabulary(byte_task_vocabulary):
+  return byte_task_vocabulary
 
 
 @pytest.fixture(autouse=True)
