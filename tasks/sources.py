@@ -85,15 +85,32 @@ def _split_line(line: str) -> List[str]:
   return line.rstrip('\n').rstrip('\r').split('\t')
 
 
+def _text_lines(path: pathlib.Path) -> List[str]:
+  """The file's lines (without newlines) as UTF-8 text; a leading BOM is dropped.
+
+  Bytes that are not UTF-8 raise DataFormatError naming the line and column.
+  """
+  data = path.read_bytes()
+  try:
+    text = data.decode('utf-8-sig')  # utf-8-sig: MRPC's BOM
+  except UnicodeDecodeError as e:
+    line_start = data.rfind(b'\n', 0, e.start) + 1
+    lineno = data.count(b'\n', 0, e.start) + 1
+    raise DataFormatError(
+        f'{path}:{lineno}: bytes {data[e.start:e.end]!r} at column {e.start - line_start + 1} '
+        f'are not UTF-8 ({e.reason}); save the file as UTF-8') from None
+  lines = text.split('\n')
+  if lines and lines[-1] == '':
+    lines.pop()
+  return lines
+
+
 def read_glue_tsv(path: pathlib.Path, spec: GlueFiles) -> Dict[str, list]:
   """Parses one GLUE TSV into TFDS-shaped columns; checks every row."""
   columns: Dict[str, list] = {f: [] for f in spec.text_features}
   columns['label'] = []
   columns['idx'] = []
-  with open(path, encoding='utf-8-sig', newline='') as f:  # utf-8-sig: MRPC's BOM
-    lines = f.read().split('\n')
-  if lines and lines[-1] == '':
-    lines.pop()
+  lines = _text_lines(path)
   header: Optional[List[str]] = None
   start = 0
   cola_layout = spec.headerless and not (lines and lines[0].startswith('index\t'))
@@ -131,9 +148,12 @@ def read_glue_tsv(path: pathlib.Path, spec: GlueFiles) -> Dict[str, list]:
 def _parse_glue_label(text: str, spec: GlueFiles, where: str):
   if spec.label_classes is None:
     try:
-      return float(text)
+      score = float(text)
     except ValueError:
       raise DataFormatError(f'{where}: score {text!r} is not a number') from None
+    if not 0.0 <= score <= 5.0:  # also refuses nan / inf
+      raise DataFormatError(f'{where}: score {text!r} is outside the range 0..5')
+    return score
   if text in spec.label_classes:
     return spec.label_classes.index(text)
   if text.isdigit() and int(text) < len(spec.label_classes):
@@ -232,21 +252,20 @@ def read_super_glue_jsonl(path: pathlib.Path, task: str) -> List[Dict[str, Any]]
   """Parses one SuperGLUE JSONL file into TFDS-shaped examples; checks every row."""
   examples = []
   label = SUPER_GLUE_LABELS[task]
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f'{path}:{lineno}'
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataFormatError(f'{where}: bad JSON ({e.msg} at column {e.colno})') from None
-      if not isinstance(row, dict):
-        raise DataFormatError(f'{where}: expected a JSON object, got {type(row).__name__}')
-      try:
-        examples.extend(_superglue_rows(task, row, where, label))
-      except (KeyError, TypeError, IndexError) as e:
-        raise DataFormatError(f'{where}: missing or malformed field {e}') from None
+  for lineno, line in enumerate(_text_lines(path), start=1):
+    if not line.strip():
+      continue
+    where = f'{path}:{lineno}'
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f'{where}: bad JSON ({e.msg} at column {e.colno})') from None
+    if not isinstance(row, dict):
+      raise DataFormatError(f'{where}: expected a JSON object, got {type(row).__name__}')
+    try:
+      examples.extend(_superglue_rows(task, row, where, label))
+    except (KeyError, TypeError, IndexError) as e:
+      raise DataFormatError(f'{where}: missing or malformed field {e}') from None
   return examples
 
 
@@ -346,8 +365,9 @@ class OfflineOrTfdsSource(seqio.DataSource):
       return source.get_dataset(split=split, shuffle=shuffle, seed=seed,
                                 shard_info=shard_info)
     cols = self.columns(split)
-    if not cols:
-      raise DataFormatError(f'{self.file_path(split)}: no examples')
+    if not self.num_input_examples(split):
+      raise DataFormatError(f'{self.file_path(split)}: no examples (the {split!r} split '
+                            'file has no data rows)')
     ds = tf.data.Dataset.from_tensor_slices(_to_tensors(cols))
     if shard_info and shard_info.num_shards > 1:
       ds = ds.shard(shard_info.num_shards, shard_info.index)

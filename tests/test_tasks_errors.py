@@ -96,6 +96,65 @@ def test_jsonl_unknown_label_and_missing_field(tmp_path):
     _build('hyperprompt_super_glue_cb', 'validation')
 
 
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
+  (tmp_path / 'RTE').mkdir()
+  path = tmp_path / 'RTE' / 'dev.tsv'
+  path.write_bytes(b'index\tsentence1\tsentence2\tlabel\n'
+                   b'0\tA man runs.\tA person moves.\tentailment\n'
+                   b'1\tCaf\xe9 time.\tIt is late.\tentailment\n')  # Latin-1, not UTF-8
+  tasks.set_data_dirs(glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError,
+                     match=rf"{path}:3: bytes b'\\xe9' at column 6 are not UTF-8"):
+    _build('hyperprompt_glue_rte', 'validation')
+  (tmp_path / 'CB').mkdir()
+  path = tmp_path / 'CB' / 'val.jsonl'
+  path.write_bytes(b'{"premise": "p\xff", "hypothesis": "h", "label": "neutral", "idx": 0}\n')
+  tasks.set_data_dirs(super_glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError, match=f'{path}:1: .* are not UTF-8'):
+    _build('hyperprompt_super_glue_cb', 'validation')
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+  (tmp_path / 'CB').mkdir()
+  path = tmp_path / 'CB' / 'val.jsonl'
+  path.write_text('["p", "h", "neutral"]\n')
+  tasks.set_data_dirs(super_glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError, match=f'{path}:1: expected a JSON object, got list'):
+    _build('hyperprompt_super_glue_cb', 'validation')
+
+
+@pytest.mark.parametrize('benchmark,folder,name,task,text', [
+    ('glue', 'RTE', 'dev.tsv', 'hyperprompt_glue_rte', 'index\tsentence1\tsentence2\tlabel\n'),
+    ('glue', 'RTE', 'dev.tsv', 'hyperprompt_glue_rte', ''),
+    ('super_glue', 'CB', 'val.jsonl', 'hyperprompt_super_glue_cb', '\n'),
+])
+def test_empty_split_file_is_named(tmp_path, benchmark, folder, name, task, text):
+  (tmp_path / folder).mkdir()
+  path = tmp_path / folder / name
+  path.write_text(text)
+  tasks.set_data_dirs(**{f'{benchmark}_dir': tmp_path})
+  with pytest.raises(tasks.DataFormatError, match=f'{path}(:1: empty file|: no examples)'):
+    _build(task, 'validation')
+
+
+def test_header_mismatch_names_the_missing_column(tmp_path):
+  path = _glue_dir(tmp_path, 'RTE', 'dev.tsv',
+                   'index\tpremise\tsentence2\tlabel\n0\tA man runs.\tA person moves.\t0\n')
+  tasks.set_data_dirs(glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError,
+                     match=rf"{path}:1: header .* has no column 'sentence1'"):
+    _build('hyperprompt_glue_rte', 'validation')
+
+
+def test_stsb_score_outside_0_to_5(tmp_path):
+  header = 'index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n'
+  path = _glue_dir(tmp_path, 'STS-B', 'dev.tsv',
+                   header + '0\tg\tf\t2012\t1\ts\ts\tA cat.\tA dog.\t7.5\n')
+  tasks.set_data_dirs(glue_dir=tmp_path)
+  with pytest.raises(tasks.DataFormatError, match=f"{path}:2: score '7.5' is outside"):
+    _build('hyperprompt_glue_stsb', 'validation')
+
+
 def test_missing_directory_names_the_variable(monkeypatch, tmp_path):
   monkeypatch.setenv(tasks.GLUE_DIR_ENV, str(tmp_path / 'nowhere'))
   with pytest.raises(FileNotFoundError, match='HYPERPROMPT_GLUE_DIR'):
