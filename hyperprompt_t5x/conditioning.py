@@ -1,4 +1,4 @@
-"""Task conditioning: HyperPrompt Share/Sep/Global, multi-task prompt tuning, HyperFormer++.
+"""Task conditioning: HyperPrompt Share/Sep/Global and multi-task prompt tuning.
 
 One module, `TaskConditioning`, named `task_conditioning` in the parameter
 tree, holds every conditioning parameter. It runs once per forward pass: it
@@ -36,15 +36,7 @@ embeddings (normal(1) init, the token-embedding init scale); the prompt
 positions are never masked, take relative positions 0..l-1 like tokens, and
 stay in the encoder output that cross-attention reads.
 
-HyperFormer++ (Karimi Mahabadi et al. 2021): one adapter after the
-self-attention and one after the MLP of every encoder and decoder layer,
-y + U(gelu(D(LN_τ(y)))), where LN_τ is a layer norm (mean and variance)
-with generated gain 1 + γ and bias β. A shared hypernetwork maps
-[task emb; layer-id emb; position emb] (each t') through a two-layer ReLU
-projector 3t' -> t -> t and linear generators (always with biases, as the
-original) to D [d, a] + bias [a], U [a, d] + bias [d], γ [d], β [d]
-(a = adapter_dim). U, γ and β generators start small (std 1e-2 scale) so the
-adapters start close to the identity.
+HyperFormer++ (Karimi Mahabadi et al. 2021) lives in hyperformer.py.
 """
 from typing import Any, Dict, List, Tuple
 
@@ -57,7 +49,6 @@ from hyperprompt_t5x import layers
 
 Array = jax.Array
 HYPERPROMPT_METHODS = ('share', 'sep', 'global')
-ADAPTER_POSITIONS = ('self_attention', 'mlp')  # HyperFormer++ adapter positions per layer.
 
 
 def prompt_blocks(config) -> List[Tuple[str, int]]:
@@ -85,7 +76,8 @@ def _stacked_fan_in(scale: float, n_batch_axes: int, distribution: str = 'trunca
       scale, 'fan_in', distribution, batch_axis=tuple(range(n_batch_axes)))
 
 
-def _normal(std: float):
+def normal_init(std: float):
+  """N(0, std^2) initialiser."""
   return nn.initializers.normal(stddev=std)
 
 
@@ -121,10 +113,6 @@ class TaskConditioning(nn.Module):
     'encoder', 'decoder', 'cross': (prompt_key, prompt_value), each
         [layers, batch, l, heads, head_dim] (HyperPrompt methods);
     'encoder_prefix': [batch, l, emb] (prompt tuning);
-    'adapters': dict of per-task generated adapter weights, each
-        [enc+dec layers, 2 positions, T, ...], gathered inside the layers
-        (HyperFormer++; per-example weights for all layers at once would be
-        batch·layers·d·a floats).
   """
   config: Any
 
@@ -137,14 +125,12 @@ class TaskConditioning(nn.Module):
       prompts = self._task_prompts()
       # [T, l, d] -> [batch, l, d]
       return {'encoder_prefix': gather_tasks(prompts, task_ids, axis=0)}
-    if cfg.method == 'hyperformer':
-      return {'adapters': self._hyperformer()}
     return {}
 
   def _task_prompts(self) -> Array:
     cfg = self.config
     return layers.param_with_axes(
-        'prompts', _normal(1.0), (cfg.num_tasks, cfg.prompt_length, cfg.emb_dim),
+        'prompts', normal_init(1.0), (cfg.num_tasks, cfg.prompt_length, cfg.emb_dim),
         jnp.float32, axes=('tasks', 'prompt_len', 'embed'))
 
   def _bias(self, name: str, shape: Tuple[int, ...], axes: Tuple[str, ...]) -> Array:
@@ -197,9 +183,9 @@ class TaskConditioning(nn.Module):
         extra_up = d_kv if cfg.hyper_bias else 0
         # Scaled so generated D ~ var 1/d and U ~ var 1/b (I has unit variance).
         gen_down = Linear(d * b + extra_down, cfg.hyper_bias, ('layer_task', 'hyper_generated'),
-                          _normal(1.0 / np.sqrt(t * d)), name=f'hyper_{name}_down')(layer_task)
+                          normal_init(1.0 / np.sqrt(t * d)), name=f'hyper_{name}_down')(layer_task)
         gen_up = Linear(b * d_kv + extra_up, cfg.hyper_bias, ('layer_task', 'hyper_generated'),
-                        _normal(1.0 / np.sqrt(t * b)), name=f'hyper_{name}_up')(layer_task)
+                        normal_init(1.0 / np.sqrt(t * b)), name=f'hyper_{name}_up')(layer_task)
         # [M, T, d*b (+b)] -> [M, T, d, b] (+ [M, T, b])
         down = gen_down[..., :d * b].reshape(num_m, num_t, d, b)
         up = gen_up[..., :b * d_kv].reshape(num_m, num_t, b, d_kv)
@@ -235,79 +221,27 @@ class TaskConditioning(nn.Module):
     """I_τ^m = h([k_τ; z_m]) for all blocks and tasks: [M, T, t]."""
     cfg = self.config
     num_t, te = cfg.num_tasks, cfg.task_embed_dim
-    task_emb = layers.param_with_axes('task_embedding', _normal(1.0), (num_t, te),
+    task_emb = layers.param_with_axes('task_embedding', normal_init(1.0), (num_t, te),
                                       jnp.float32, axes=('tasks', 'task_embed'))
-    layer_emb = layers.param_with_axes('layer_embedding', _normal(1.0), (num_m, te),
+    layer_emb = layers.param_with_axes('layer_embedding', normal_init(1.0), (num_m, te),
                                        jnp.float32, axes=('hyper_blocks', 'task_embed'))
     # [M, T, 2t']
     joined = jnp.concatenate([
         jnp.broadcast_to(task_emb[None], (num_m, num_t, te)),
         jnp.broadcast_to(layer_emb[:, None], (num_m, num_t, te))], axis=-1)
-    return self._projector(joined, cfg.hyper_bias)
-
-  def _projector(self, joined: Array, use_bias: bool) -> Array:
-    """Two-layer ReLU MLP [..., n·t'] -> [..., t] with unit-variance output at init."""
-    t = self.config.layer_task_dim
-    # Distinct names for the two sides of the square kernel: flax's axis rules
-    # reject a logical name that repeats within one array.
-    hidden = jax.nn.relu(Linear(t, use_bias, ('task_embed', 'layer_task_hidden'),
-                                name='layer_task_hidden')(joined))
-    return Linear(t, use_bias, ('layer_task_hidden', 'layer_task'),
-                  nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal'),
-                  name='layer_task_out')(hidden)
-
-  def _hyperformer(self) -> Dict[str, Array]:
-    """Adapter weights for every (layer, position, task): leading [L, 2, T]."""
-    cfg = self.config
-    num_t, te, t = cfg.num_tasks, cfg.task_embed_dim, cfg.layer_task_dim
-    d, a = cfg.emb_dim, cfg.adapter_dim
-    num_l, num_p = cfg.num_encoder_layers + cfg.num_decoder_layers, len(ADAPTER_POSITIONS)
-    task_emb = layers.param_with_axes('task_embedding', _normal(1.0), (num_t, te),
-                                      jnp.float32, axes=('tasks', 'task_embed'))
-    layer_emb = layers.param_with_axes('layer_embedding', _normal(1.0), (num_l, te),
-                                       jnp.float32, axes=('hyper_layers', 'task_embed'))
-    pos_emb = layers.param_with_axes('position_embedding', _normal(1.0), (num_p, te),
-                                     jnp.float32, axes=('hyper_positions', 'task_embed'))
-    shape = (num_l, num_p, num_t, te)
-    # [L, P, T, 3t']
-    joined = jnp.concatenate([
-        jnp.broadcast_to(layer_emb[:, None, None], shape),
-        jnp.broadcast_to(pos_emb[None, :, None], shape),
-        jnp.broadcast_to(task_emb[None, None], shape)], axis=-1)
-    emb = self._projector(joined, True)  # [L, P, T, t]
-    axes = ('layer_task', 'hyper_generated')
-    gen_down = Linear(d * a + a, True, axes, _normal(1.0 / np.sqrt(t * d)),
-                      name='adapter_down')(emb)
-    gen_up = Linear(a * d + d, True, axes, _normal(1e-2 / np.sqrt(t * a)),
-                    name='adapter_up')(emb)
-    gen_norm = Linear(2 * d, True, axes, _normal(1e-2 / np.sqrt(t)),
-                      name='adapter_norm')(emb)
-    lead = (num_l, num_p, num_t)
-    return {
-        'down': gen_down[..., :d * a].reshape(lead + (d, a)),
-        'down_bias': gen_down[..., d * a:],
-        'up': gen_up[..., :a * d].reshape(lead + (a, d)),
-        'up_bias': gen_up[..., a * d:],
-        'scale': 1.0 + gen_norm[..., :d],
-        'shift': gen_norm[..., d:],
-    }
+    return task_projector(joined, cfg.layer_task_dim, cfg.hyper_bias)
 
 
-def apply_adapter(y: Array, adapter: Dict[str, Array], task_ids: Array, dtype) -> Array:
-  """HyperFormer++ adapter y + U(gelu(D(LN_τ(y)))) with per-task weights [T, ...]."""
-  # Per-example weights: [T, ...] -> [batch, ...]
-  w = {k: gather_tasks(v, task_ids, axis=0) for k, v in adapter.items()}
-  x = jnp.asarray(y, jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  x = (x - mean) * jax.lax.rsqrt(var + 1e-6)
-  # [batch, len, d] * [batch, 1, d]
-  x = x * w['scale'][:, None] + w['shift'][:, None]
-  x = jnp.asarray(x, dtype)
-  # [batch, len, d] x [batch, d, a] -> [batch, len, a]
-  h = jnp.einsum('bld,bda->bla', x, jnp.asarray(w['down'], dtype))
-  h = jax.nn.gelu(h + jnp.asarray(w['down_bias'][:, None], dtype), approximate=True)
-  # [batch, len, a] x [batch, a, d] -> [batch, len, d]
-  out = jnp.einsum('bla,bad->bld', h, jnp.asarray(w['up'], dtype))
-  out = out + jnp.asarray(w['up_bias'][:, None], dtype)
-  return y + out
+def task_projector(joined: Array, t: int, use_bias: bool) -> Array:
+  """Two-layer ReLU MLP [..., n·t'] -> [..., t] with unit-variance output at init.
+
+  Called inside a compact module: its two layers become that module's
+  `layer_task_hidden` and `layer_task_out`.
+  """
+  # Distinct names for the two sides of the square kernel: flax's axis rules
+  # reject a logical name that repeats within one array.
+  hidden = jax.nn.relu(Linear(t, use_bias, ('task_embed', 'layer_task_hidden'),
+                              name='layer_task_hidden')(joined))
+  return Linear(t, use_bias, ('layer_task_hidden', 'layer_task'),
+                nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal'),
+                name='layer_task_out')(hidden)

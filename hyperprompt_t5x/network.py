@@ -2,7 +2,7 @@
 
 The backbone parameters live under `token_embedder`, `encoder`, `decoder`
 with T5X's exact names and shapes; every conditioning parameter lives under
-the top-level `task_conditioning` (see `conditioning.py`), so the backbone is
+the top-level `task_conditioning` (see `conditioning.py`, `hyperformer.py`), so the backbone is
 the params tree minus that key.
 
 Logical axes: parameters are declared T5X-style with
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperprompt_t5x import conditioning as cond_lib
+from hyperprompt_t5x import hyperformer
 from hyperprompt_t5x import layers
 
 Array = jax.Array
@@ -193,8 +194,8 @@ def _residual(cfg: T5Config, inputs, norm_name: str, sublayer, *, deterministic:
   x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
   x = sublayer(x)
   if adapters is not None:
-    x = cond_lib.apply_adapter(x, {k: v[position] for k, v in adapters.items()},
-                               task_ids, cfg.dtype)
+    x = hyperformer.apply_adapter(x, {k: v[position] for k, v in adapters.items()},
+                                  task_ids, cfg.dtype)
   x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
   return nn.with_logical_constraint(x + inputs, ('batch', 'length', 'embed'))
 
@@ -356,7 +357,9 @@ class Transformer(nn.Module):
         one_hot=cfg.embedding_lookup == 'one_hot')
     self.encoder = Encoder(cfg, shared_embedding=self.token_embedder)
     self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
-    if cfg.conditioned:
+    if cfg.method == 'hyperformer':
+      self.task_conditioning = hyperformer.AdapterConditioning(cfg)
+    elif cfg.conditioned:
       self.task_conditioning = cond_lib.TaskConditioning(cfg)
 
   def _task_ids(self, task_ids, batch: int):
@@ -490,8 +493,8 @@ def random_params(config: T5Config, seed: int = 0) -> Dict[str, Any]:
   cfg = config
   gen_fan = {'hyper_key_down': cfg.emb_dim, 'hyper_value_down': cfg.emb_dim,
              'hyper_key_up': cfg.bottleneck, 'hyper_value_up': cfg.bottleneck,
-             'adapter_down': cfg.emb_dim}
-  gen_small = {'adapter_up': 1e-2 / np.sqrt(cfg.adapter_dim), 'adapter_norm': 1e-2}
+             'adapter_down': cfg.emb_dim, 'adapter_up': cfg.adapter_dim}
+  gen_small = {'adapter_norm': 1e-2}
 
   def leaf(path, shape_dtype):
     names = [getattr(k, 'key', str(k)) for k in path]

@@ -13,8 +13,11 @@ Closed forms of the added (task-conditioning) parameters:
           H_k, H_v also generate the biases of D, U and have their own:
           2·(t + 1)·(d·b + b + b·d_kv + d_kv)
   Prompt tuning  T·l·d
-  HyperFormer++  (T + L + 2)·t' + (3t'·t + t + t·t + t)
-                 + (t + 1)·(d·a + a + a·d + d + 2·d)
+  HyperFormer++  T·t' + Σ over the 2 stacks s of
+                 (L_s + 2)·t' + (3t'·t + t + t·t + t) + 2t + (t + 1)·(2·d·a + a + 3·d)
+                 = T·t' + (L + 4)·t' + 2·(3t'·t + t·t + 4t) + 2·(t + 1)·(2·d·a + a + 3·d)
+                 (task embeddings shared; per stack: layer and position embeddings,
+                 projector, its layer norm, generators of D, d_b, U, u_b, LN gain, bias)
 With d_kv = d (every T5 1.1 size but small) these are DESIGN.md's
 Share T·l·d + M·4·d·b, Sep T·l·d + T·M·4·d·b and
 Global T·l·d + T·t' + M·t' + |h| + 2·(2·d·b·t).
@@ -25,6 +28,7 @@ import jax
 import numpy as np
 
 from hyperprompt_t5x import conditioning
+from hyperprompt_t5x import hyperformer
 from hyperprompt_t5x import network
 
 
@@ -50,11 +54,13 @@ def closed_form_added(config: network.T5Config) -> int:
     hyper = 2 * (t + bias) * (d * b + b * d_kv + bias * (b + d_kv))
     return big_t * l * d + big_t * te + m * te + h + hyper
   if cfg.method == 'hyperformer':
-    num_layers = cfg.num_encoder_layers + cfg.num_decoder_layers
-    embeddings = (big_t + num_layers + len(conditioning.ADAPTER_POSITIONS)) * te
-    projector = 3 * te * t + t + t * t + t
-    generators = (t + 1) * (d * a + a + a * d + d + 2 * d)
-    return embeddings + projector + generators
+    total = big_t * te
+    for num_layers in (cfg.num_encoder_layers, cfg.num_decoder_layers):
+      embeddings = (num_layers + len(hyperformer.ADAPTER_POSITIONS)) * te
+      projector = 3 * te * t + t + t * t + t
+      generators = (t + 1) * (d * a + a + a * d + d + 2 * d)
+      total += embeddings + projector + 2 * t + generators
+    return total
   raise ValueError(f'unknown method {cfg.method!r}; expected one of {network.METHODS}')
 
 
