@@ -35,6 +35,20 @@ def _glue_dir(tmp_path, folder, name, text):
   return path
 
 
+def _cb_file(tmp_path, data: bytes):
+  """CB/val.jsonl holding `data`, with the SuperGLUE directory pointed at it."""
+  (tmp_path / 'CB').mkdir(exist_ok=True)
+  path = tmp_path / 'CB' / 'val.jsonl'
+  path.write_bytes(data)
+  tasks.set_data_dirs(super_glue_dir=tmp_path)
+  return path
+
+
+def _assert_cb_error(pattern):
+  with pytest.raises(tasks.DataFormatError, match=pattern):
+    _build('hyperprompt_super_glue_cb', 'validation')
+
+
 def test_tsv_wrong_column_count_names_file_and_line(tmp_path):
   path = _glue_dir(tmp_path, 'RTE', 'dev.tsv',
                    'index\tsentence1\tsentence2\tlabel\n'
@@ -75,25 +89,17 @@ def test_test_split_without_labels_gives_unk(tmp_path):
 
 
 def test_bad_json_names_file_and_line(tmp_path):
-  (tmp_path / 'CB').mkdir()
-  path = tmp_path / 'CB' / 'val.jsonl'
   good = json.dumps({'premise': 'p', 'hypothesis': 'h', 'label': 'neutral', 'idx': 0})
-  path.write_text(good + '\n' + '{"premise": "p", "hypothesis": \n')
-  tasks.set_data_dirs(super_glue_dir=tmp_path)
-  with pytest.raises(tasks.DataFormatError, match=f'{path}:2: bad JSON'):
-    _build('hyperprompt_super_glue_cb', 'validation')
+  path = _cb_file(tmp_path, (good + '\n' + '{"premise": "p", "hypothesis": \n').encode())
+  _assert_cb_error(f'{path}:2: bad JSON')
 
 
 def test_jsonl_unknown_label_and_missing_field(tmp_path):
-  (tmp_path / 'CB').mkdir()
-  path = tmp_path / 'CB' / 'val.jsonl'
-  path.write_text(json.dumps({'premise': 'p', 'hypothesis': 'h', 'label': 'maybe', 'idx': 0}))
-  tasks.set_data_dirs(super_glue_dir=tmp_path)
-  with pytest.raises(tasks.DataFormatError, match=f"{path}:1: unknown label 'maybe'"):
-    _build('hyperprompt_super_glue_cb', 'validation')
+  path = _cb_file(tmp_path, json.dumps(
+      {'premise': 'p', 'hypothesis': 'h', 'label': 'maybe', 'idx': 0}).encode())
+  _assert_cb_error(f"{path}:1: unknown label 'maybe'")
   path.write_text(json.dumps({'premise': 'p', 'label': 'neutral', 'idx': 0}))
-  with pytest.raises(tasks.DataFormatError, match=f"{path}:1: missing .*hypothesis"):
-    _build('hyperprompt_super_glue_cb', 'validation')
+  _assert_cb_error(f"{path}:1: missing .*hypothesis")
 
 
 def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
@@ -106,21 +112,14 @@ def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
   with pytest.raises(tasks.DataFormatError,
                      match=rf"{path}:3: bytes b'\\xe9' at column 6 are not UTF-8"):
     _build('hyperprompt_glue_rte', 'validation')
-  (tmp_path / 'CB').mkdir()
-  path = tmp_path / 'CB' / 'val.jsonl'
-  path.write_bytes(b'{"premise": "p\xff", "hypothesis": "h", "label": "neutral", "idx": 0}\n')
-  tasks.set_data_dirs(super_glue_dir=tmp_path)
-  with pytest.raises(tasks.DataFormatError, match=f'{path}:1: .* are not UTF-8'):
-    _build('hyperprompt_super_glue_cb', 'validation')
+  path = _cb_file(tmp_path, b'{"premise": "p\xff", "hypothesis": "h", "label": "neutral", '
+                  b'"idx": 0}\n')
+  _assert_cb_error(f'{path}:1: .* are not UTF-8')
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
-  (tmp_path / 'CB').mkdir()
-  path = tmp_path / 'CB' / 'val.jsonl'
-  path.write_text('["p", "h", "neutral"]\n')
-  tasks.set_data_dirs(super_glue_dir=tmp_path)
-  with pytest.raises(tasks.DataFormatError, match=f'{path}:1: expected a JSON object, got list'):
-    _build('hyperprompt_super_glue_cb', 'validation')
+  path = _cb_file(tmp_path, b'["p", "h", "neutral"]\n')
+  _assert_cb_error(f'{path}:1: expected a JSON object, got list')
 
 
 @pytest.mark.parametrize('benchmark,folder,name,task,text', [
