@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -132,6 +133,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # seqio / orbax advice (uncached FunctionDataset, deprecated options) is noise
   # for users of this CLI; errors still show.
   absl_logging.set_verbosity(absl_logging.ERROR)
+  # A failed checkpoint write (e.g. a full disk) is reported as one line; orbax's
+  # unretrieved asyncio task errors would repeat it as tracebacks.
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
   from hyperprompt_t5x import trainer  # pylint: disable=g-import-not-at-top
   known = (ValueError, FileNotFoundError, FileExistsError, trainer.TrainingDivergedError)
   try:

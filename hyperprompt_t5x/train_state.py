@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
@@ -32,6 +33,7 @@ import optax
 from flax.linen import partitioning as nn_partitioning
 from jax.sharding import Mesh, NamedSharding
 
+from hyperprompt_t5x import checkpoint_health
 from hyperprompt_t5x import optim
 from hyperprompt_t5x import partitioning
 from hyperprompt_t5x.checkpoints import CheckpointError
@@ -309,6 +311,10 @@ class CheckpointCorruptError(CheckpointError):
   """A checkpoint's files are missing, truncated or unreadable."""
 
 
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed (no space, ...); the previous ones are intact."""
+
+
 def config_fingerprint(config, exclude=RUNTIME_CONFIG_FIELDS) -> str:
   """A short hash of the config fields that shape the parameters.
 
@@ -339,9 +345,13 @@ class CheckpointStore:
   process writes its shards) and JSON metadata (item `extra`: data position,
   config fingerprint, ...). `keep` = how many to keep (None: all);
   `create=False` (eval / infer) refuses a missing MODEL_DIR instead of making
-  one. `async_save`: orbax writes in the background (call `wait()`). Nothing
-  here deletes or overwrites a checkpoint except orbax's keep-N after a
-  successful save.
+  one, and leaves orbax's temporary folders of interrupted saves alone (the
+  writer, `create=True`, removes them). `async_save`: orbax writes in the
+  background (call `wait()`). Nothing here deletes or overwrites a checkpoint
+  except orbax's keep-N after a successful save; an unusable one is moved to
+  MODEL_DIR/damaged/ (`restore_newest_usable`). A committed checkpoint gets a
+  file-size manifest (checkpoint_health.py) so a later missing or truncated
+  file is named.
   """
 
   def __init__(self, model_dir: str | os.PathLike, keep: Optional[int] = None,
@@ -351,11 +361,12 @@ class CheckpointStore:
     if keep is not None and keep < 1:
       raise ValueError(f'keep must be >= 1 or None, got {keep}')
     self.directory = pathlib.Path(model_dir).absolute()
+    self._async = async_save
     if not create and not self.directory.is_dir():
       raise FileNotFoundError(f'MODEL_DIR {self.directory} does not exist')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, step_prefix='checkpoint', create=create,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=create)
     # Handlers named up front, so a fresh manager reads existing checkpoints.
     self._manager = ocp.CheckpointManager(
         str(self.directory), options=options,
@@ -383,13 +394,42 @@ class CheckpointStore:
     if step in self._manager.all_steps(read=True) or self.step_dir(step).exists():
       raise CheckpointError(f'{self.step_dir(step)} already exists; refusing to overwrite it')
     ocp = self._ocp
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-        extra=ocp.args.JsonSave(extra)))
+    with self._save_errors(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+          extra=ocp.args.JsonSave(extra)))
+    if not self._async:
+      self._committed(step)
 
   def wait(self) -> None:
     """Blocks until an asynchronous save has finished."""
-    self._manager.wait_until_finished()
+    step = self._manager.latest_step()
+    with self._save_errors(step):
+      self._manager.wait_until_finished()
+    if self._async and step is not None:
+      self._committed(step)
+
+  def _committed(self, step: int) -> None:
+    if jax.process_index() == 0 and self.step_dir(step).is_dir():
+      checkpoint_health.write_manifest(self.step_dir(step))
+
+  @contextlib.contextmanager
+  def _save_errors(self, step: Optional[int]):
+    """A failed write -> CheckpointSaveError (one line); its partial files are removed."""
+    try:
+      yield
+    except Exception as e:  # orbax / TensorStore raise many types for I/O errors.
+      if step is None:
+        raise
+      for tmp in self.directory.glob(f'checkpoint_{step}.orbax-checkpoint-tmp*'):
+        shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished write, not a checkpoint
+      previous = [s for s in self.all_steps() if s < step]
+      kept = (f'the previous checkpoint {self.step_dir(previous[-1])} is intact'
+              if previous else 'no earlier checkpoint exists')
+      raise CheckpointSaveError(
+          f'could not write checkpoint {self.step_dir(step)}: '
+          f'{checkpoint_health.failure_reason(e)}; {kept}. Free space (or fix the cause) '
+          'and rerun the same command to resume.') from e
 
   def close(self) -> None:
     self._manager.close()
@@ -408,6 +448,9 @@ class CheckpointStore:
     if int(step) not in self._manager.all_steps(read=True):
       raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
                             f'(found steps {self.all_steps()})')
+    damage = checkpoint_health.damage(step_dir)
+    if damage:
+      raise CheckpointCorruptError(f'checkpoint {step_dir} is damaged: {damage}')
     target = jax.tree_util.tree_map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=x.sharding), target)
@@ -417,7 +460,8 @@ class CheckpointStore:
       saved_tree = metadata.tree if hasattr(metadata, 'tree') else metadata
     except Exception as e:  # orbax / tensorstore raise many types for bad files.
       raise CheckpointCorruptError(
-          f'cannot read the metadata of checkpoint {step_dir}: {type(e).__name__}: {e}') from e
+          f'checkpoint {step_dir} is damaged: its metadata is unreadable '
+          f'({checkpoint_health.first_line(e)})') from e
     if saved_tree is None:
       raise CheckpointCorruptError(f'checkpoint {step_dir} has no readable state metadata')
     problems = _tree_diff(_flat_shapes(saved_tree), _flat_shapes(target_dict))
@@ -433,5 +477,26 @@ class CheckpointStore:
       state = flax.serialization.from_state_dict(target, state_dict)
     except Exception as e:
       raise CheckpointCorruptError(
-          f'checkpoint {step_dir} is corrupt or truncated: {type(e).__name__}: {e}') from e
+          f'checkpoint {step_dir} is damaged: reading it failed '
+          f'({checkpoint_health.first_line(e)})') from e
     return state, dict(extra)
+
+  def restore_newest_usable(self, target, log) -> Optional[Tuple[int, TrainState, dict]]:
+    """(step, state, extra) of the newest checkpoint that restores, or None if none is left.
+
+    A damaged one (CheckpointCorruptError) is moved to MODEL_DIR/damaged/ with
+    one `log` line naming it and why; a checkpoint of another model still raises.
+    Call only while holding MODEL_DIR (model_dir_lock): this moves files.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        state, extra = self.restore(step, target)
+      except CheckpointCorruptError as e:
+        if jax.process_count() > 1:
+          raise  # every process would have to agree on the move; leave it to the user
+        moved = checkpoint_health.move_aside(self.step_dir(step))
+        self._manager.reload()
+        log(f'{e}. Moved it to {moved}; trying the previous checkpoint.')
+        continue
+      return step, state, extra
+    return None

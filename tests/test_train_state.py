@@ -7,6 +7,9 @@ import hashlib
 import json
 import os
 import pathlib
+import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -270,6 +273,65 @@ def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
   (ckpt / 'state' / '_METADATA').write_text('{not json')
   with pytest.raises(train_state.CheckpointCorruptError, match=str(ckpt)):
     train_state.CheckpointStore(tmp_path).restore(5, target)
+
+
+def _target_of(trained):
+  state, shardings = trained
+  return train_state.abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
+
+
+def test_damaged_newest_is_moved_aside_and_the_previous_restored(trained, tmp_path):
+  state, _ = trained
+  store = train_state.CheckpointStore(tmp_path)
+  store.save(1, state, {'data_batches': 1})
+  store.save(2, state, {'data_batches': 2})
+  victim = max((f for f in (tmp_path / 'checkpoint_2').rglob('*') if f.is_file()),
+               key=lambda f: f.stat().st_size)
+  name = str(victim.relative_to(tmp_path / 'checkpoint_2'))
+  victim.write_bytes(victim.read_bytes()[:100])
+  damaged_files = _dir_digest(tmp_path / 'checkpoint_2')
+  logs = []
+  step, _, extra = store.restore_newest_usable(_target_of(trained), logs.append)
+  assert (step, extra['data_batches']) == (1, 1)
+  assert len(logs) == 1, logs
+  assert f'checkpoint {tmp_path / "checkpoint_2"} is damaged: file {name} is truncated' in logs[0]
+  assert str(tmp_path / 'damaged' / 'checkpoint_2') in logs[0]
+  assert _dir_digest(tmp_path / 'damaged' / 'checkpoint_2') == damaged_files  # moved, not lost
+  assert store.all_steps() == [1]
+  store.save(2, state, {'data_batches': 2})  # the resumed run writes step 2 again
+  (tmp_path / 'checkpoint_1' / 'extra' / 'metadata').unlink()
+  shutil.rmtree(tmp_path / 'checkpoint_2' / 'state')
+  logs.clear()
+  assert store.restore_newest_usable(_target_of(trained), logs.append) is None
+  assert 'file state/' in logs[0] and 'file extra/metadata is missing' in logs[1]
+  assert sorted(p.name for p in (tmp_path / 'damaged').iterdir()) == [
+      'checkpoint_1', 'checkpoint_2', 'checkpoint_2.1']
+
+
+def test_failed_save_is_one_clear_error_and_keeps_the_previous(trained, tmp_path):
+  """A write that fails (here: a file-size limit, as a full disk would) stops with one
+  line; the half-written checkpoint is gone, the previous one intact and restorable."""
+  state, _ = trained
+  store = train_state.CheckpointStore(tmp_path)
+  store.save(1, state, {'data_batches': 1})
+  before = _dir_digest(tmp_path)
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+  try:
+    with pytest.raises(train_state.CheckpointSaveError) as e:
+      store.save(2, state, {'data_batches': 2})
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous_handler)
+  message = str(e.value)
+  assert len(message.splitlines()) == 1, message
+  assert f'could not write checkpoint {tmp_path / "checkpoint_2"}: file too large' in message
+  assert f'the previous checkpoint {tmp_path / "checkpoint_1"} is intact' in message
+  assert _dir_digest(tmp_path) == before  # no partial checkpoint_2 left behind
+  step, _, _ = train_state.CheckpointStore(tmp_path).restore_newest_usable(
+      _target_of(trained), print)
+  assert step == 1
 
 
 def test_eval_step_matches_train_loss_and_scores(overfit, setup):
