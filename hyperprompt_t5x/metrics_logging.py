@@ -1,6 +1,10 @@
 """Training observability: the progress line, MODEL_DIR/metrics.jsonl, TensorBoard.
 
-Only the chief process (jax.process_index() == 0) writes files. TensorBoard goes
+Only the chief process (jax.process_index() == 0) writes files. metrics.jsonl
+holds each step once per kind of record (train, or an eval split): a run that
+resumes from a checkpoint older than its last log line (after a kill) repeats
+steps whose records are already there; those are not written again. A line
+cut short by a kill is dropped when the file is next opened. TensorBoard goes
 through `clu.metric_writers`, imported lazily; where clu/TensorFlow is missing the
 JSONL file and the progress line still work (with one warning).
 """
@@ -29,6 +33,32 @@ def format_eta(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def record_kind(keys) -> tuple:
+  """What a record is about: () for train metrics, ('validation',) for an eval split's."""
+  return tuple(sorted({k.split('/', 1)[0] for k in keys if '/' in k and k != 'step'}))
+
+
+def read_logged(path: str) -> set:
+  """(step, kind) of every complete line of metrics.jsonl; truncates a partial last line."""
+  if not os.path.exists(path):
+    return set()
+  with open(path, 'rb') as f:
+    data = f.read()
+  end = data.rfind(b'\n') + 1
+  if end < len(data):  # the writer was killed mid-line
+    with open(path, 'r+b') as f:
+      f.truncate(end)
+  logged = set()
+  for line in data[:end].splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and 'step' in record:
+      logged.add((record['step'], record_kind(record)))
+  return logged
+
+
 class MetricsLogger:
   """Writes one JSON object per logged step and the same scalars to TensorBoard."""
 
@@ -38,6 +68,7 @@ class MetricsLogger:
     self.is_chief = is_chief
     self.stream = stream or sys.stdout
     self._writer = None
+    self._logged = read_logged(os.path.join(model_dir, 'metrics.jsonl')) if is_chief else set()
     if is_chief and tensorboard:
       try:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -47,11 +78,18 @@ class MetricsLogger:
               file=sys.stderr)
 
   def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = '') -> None:
-    """Appends `{'step': step, **metrics}` to metrics.jsonl and writes TB scalars."""
+    """Appends `{'step': step, **metrics}` to metrics.jsonl and writes TB scalars.
+
+    A step already logged with the same kind of record (see module doc) is skipped.
+    """
     if not self.is_chief:
       return
     record = {'step': int(step)}
     record.update({f'{prefix}{k}': _scalar(v) for k, v in metrics.items()})
+    key = (record['step'], record_kind(record))
+    if key in self._logged:
+      return
+    self._logged.add(key)
     with open(os.path.join(self.model_dir, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self._writer is not None:

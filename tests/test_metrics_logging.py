@@ -1,0 +1,39 @@
+"""metrics.jsonl holds each step once per kind of record, also across kills and resumes."""
+import io
+import json
+
+from hyperprompt_t5x import metrics_logging
+
+
+def _logger(model_dir):
+  return metrics_logging.MetricsLogger(str(model_dir), tensorboard=False, stream=io.StringIO())
+
+
+def _records(model_dir):
+  return [json.loads(l) for l in (model_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_resume_does_not_repeat_steps_and_drops_a_cut_line(tmp_path):
+  first = _logger(tmp_path)
+  for step in (1, 2, 3):
+    first.write(step, {'loss': float(step)})
+  first.write(2, {'validation/rte/accuracy': 50.0})
+  first.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "loss": 4.')  # killed mid-line
+  resumed = _logger(tmp_path)  # resumed from checkpoint_2: steps 3 and 4 come again
+  resumed.write(2, {'validation/rte/accuracy': 99.0})  # the eval of step 2 again
+  for step in (3, 4, 5):
+    resumed.write(step, {'loss': 10.0 * step})
+  resumed.write(4, {'validation/rte/accuracy': 75.0})
+  records = _records(tmp_path)
+  train = [(r['step'], r['loss']) for r in records if 'loss' in r]
+  evals = [(r['step'], r['validation/rte/accuracy']) for r in records if 'loss' not in r]
+  assert train == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+  assert evals == [(2, 50.0), (4, 75.0)]  # the first record of a step is kept
+
+
+def test_non_chief_writes_nothing(tmp_path):
+  logger = metrics_logging.MetricsLogger(str(tmp_path), tensorboard=False, is_chief=False)
+  logger.write(1, {'loss': 1.0})
+  assert not (tmp_path / 'metrics.jsonl').exists()
