@@ -129,8 +129,40 @@ def test_adafactor_factors_large_matrices_and_matches_t5x_settings():
   assert (160, 8) in shapes
   # [8, 136] likewise; no momentum buffer (a second [8,136] leaf would be one).
   assert shapes.count((8, 136)) == 1
-  # One Adafactor step with decay 0.8 and clipping 1.0: the update is
-  # -lr * clip(g / sqrt(v)) with v = g^2 at step 1 -> -lr * sign(g) (RMS 1).
+  # One Adafactor step with decay 0.8 and clipping 1.0: v = g^2 at step 1, so
+  # y = sign(g) (RMS 1, unclipped) and T5X's update is -lr * max(RMS(p), 1e-3) * y.
   g = jax.tree_util.tree_map(jnp.ones_like, p)
   u, _ = tx.update(g, state, p)
-  np.testing.assert_allclose(u['task_conditioning']['prompts'], -1e-3, rtol=1e-4)
+  prompts = p['task_conditioning']['prompts']
+  np.testing.assert_allclose(u['task_conditioning']['prompts'],
+                             -1e-3 * float(jnp.sqrt(jnp.mean(prompts ** 2))), rtol=1e-5)
+  small = jax.tree_util.tree_map(lambda x: 1e-5 * x, p)  # RMS below epsilon2 = 1e-3
+  u, _ = tx.update(g, state, small)
+  np.testing.assert_allclose(u['task_conditioning']['prompts'], -1e-3 * 1e-3, rtol=1e-5)
+
+
+def test_factor_rules_cover_every_logical_axis_of_every_method():
+  from hyperprompt_t5x import network, partitioning
+  for name in partitioning.CONDITIONING_AXES:
+    assert name in optim.LOGICAL_FACTOR_RULES, name
+  for method in network.METHODS:
+    cfg = network.T5Config.from_size('tiny', method=method, num_tasks=2)
+    axes = network.param_logical_axes(cfg)
+    params = network.param_shapes(cfg)
+    tx = optim.make_optimizer('adafactor', 1e-3, params=params, param_axes=axes)
+    jax.eval_shape(tx.init, params)  # raises on an axis without a rule
+
+
+def test_factor_spec_follows_t5x_rules_and_fails_on_unknown_axes():
+  spec = optim.factor_spec((768, 12, 64), ('embed', 'heads', 'kv'))
+  assert spec == optim.FactorSpec((0, 1, 2), (0,), (1, 2))
+  # Rank 2 without batch axes: T5X's heuristic, whatever the names say.
+  assert optim.factor_spec((768, 2048), ('embed', 'mlp')).rows == (0,)
+  assert optim.factor_spec((2048, 768), ('mlp', 'embed')).rows == (1,)
+  assert optim.factor_spec((64, 768), ('embed', 'mlp')).rows is None
+  # 'batch' axes leave the averages; row without column: unfactored.
+  spec = optim.factor_spec((2, 768, 2048), ('layers', 'embed', 'mlp'))
+  assert spec == optim.FactorSpec((1, 2), (1,), (2,))
+  assert optim.factor_spec((8, 16, 768), ('tasks', 'prompt_len', 'embed')).rows is None
+  with pytest.raises(ValueError, match="no Adafactor factor rule for logical axis 'mystery'"):
+    optim.factor_spec((4, 4, 4), ('embed', 'mystery', 'mlp'), name='a/b')
