@@ -17,6 +17,8 @@ float32 numpy arrays:
   initialisation; one `CheckpointError` lists every mismatch.
 * `load_pretrained(path, config)`: detects the format and does all of it
   (the trainer's INITIAL_CHECKPOINT_PATH).
+* `load_optimizer_state(path)`: the Adafactor state and step the checkpoint
+  holds (T5X's `state/param_states`, this project's TrainState), or None.
 
 Uses numpy, msgpack (via flax.serialization), tensorstore, orbax and
 safetensors (lazily); no TensorFlow.
@@ -32,9 +34,11 @@ from hyperprompt_t5x.hf_checkpoint import is_hf_t5_directory
 from hyperprompt_t5x.hf_checkpoint import load_hf_t5
 from hyperprompt_t5x.t5x_checkpoint import to_plain_dict
 from hyperprompt_t5x.t5x_checkpoint import absolute_ts_spec
+from hyperprompt_t5x.t5x_checkpoint import AdafactorCheckpointState
 from hyperprompt_t5x.t5x_checkpoint import BACKBONE_KEYS
 from hyperprompt_t5x.t5x_checkpoint import CheckpointError
 from hyperprompt_t5x.t5x_checkpoint import flatten_params
+from hyperprompt_t5x.t5x_checkpoint import load_t5x_optimizer_state
 from hyperprompt_t5x.t5x_checkpoint import load_t5x_params
 from hyperprompt_t5x.t5x_checkpoint import t5x_config_from_params
 from hyperprompt_t5x.t5x_checkpoint import unflatten_params
@@ -137,6 +141,15 @@ def load_backbone(path: str) -> Params:
   return load_t5x_params(path)
 
 
+def load_optimizer_state(path: str) -> Optional[AdafactorCheckpointState]:
+  """The Adafactor state and step in a checkpoint; None for a Hugging Face
+  directory or a checkpoint without one (an AdamW TrainState)."""
+  path = os.fspath(path)
+  if is_hf_t5_directory(path):
+    return None
+  return load_t5x_optimizer_state(path)
+
+
 def load_pretrained(path: str, config, fresh_params: Optional[Mapping[str, Any]] = None,
                     *, seed: int = 0) -> Params:
   """INITIAL_CHECKPOINT_PATH -> full params for `config`.
@@ -166,5 +179,6 @@ __all__ = [
     't5x_config_from_params', 'load_hf_t5', 'hf_t5_to_t5x', 'merge_backbone',
     'split_backbone', 'load_backbone', 'load_pretrained', 'init_params',
     'is_hf_t5_directory', 'absolute_ts_spec', 'flatten_params', 'unflatten_params',
-    'BACKBONE_KEYS',
+    'BACKBONE_KEYS', 'AdafactorCheckpointState', 'load_t5x_optimizer_state',
+    'load_optimizer_state',
 ]

@@ -1,13 +1,15 @@
-"""T5X checkpoints -> the T5X parameter tree as float32 numpy.
+"""T5X checkpoints -> the T5X parameter tree (and Adafactor state) as float32 numpy.
 
 T5X writes `checkpoint_N/checkpoint`, a msgpack of
 `{'version', 'optimizer': {'target': params, 'state': ...}}` (newer:
 `{'target', 'state'}`); small arrays are inline (flax's msgpack ndarray
 extension), large ones are replaced by TensorStore zarr specs whose
 `kvstore.path` is relative to `checkpoint_N/` (file or gcs driver). This
-module reads both, locally or on `gs://`, without T5X or TensorFlow.
+module reads both, locally or on `gs://`, without T5X or TensorFlow; also
+orbax checkpoints (newer T5X, this project's TrainState).
 Public names are re-exported by `hyperprompt_t5x.checkpoints`.
 """
+import dataclasses
 import json
 import os
 import re
@@ -241,10 +243,98 @@ def load_t5x_params(path: str) -> Params:
     CheckpointError: missing path, unreadable/truncated msgpack, a file that is
       not a T5 checkpoint, or an unreadable TensorStore array; names the path.
   """
+  state, resolve = _read_checkpoint(path)
+  target = _select_target(state, resolve.source)
+  return unflatten_params(resolve(flatten_params(_unfreeze_specs(target))))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafactorCheckpointState:
+  """The Adafactor state a checkpoint holds: its step and T5X's `param_states`.
+
+  param_states: {'encoder/.../kernel': {'v_row', 'v_col', 'v'[, 'm']}} as
+  float32 numpy (unused slots are T5X's (1,) placeholders).
+  """
+  step: int
+  param_states: Dict[str, Dict[str, np.ndarray]]
+  source: str
+
+
+_ADAFACTOR_SLOTS = ('v_row', 'v_col', 'v')
+
+
+def load_t5x_optimizer_state(path: str) -> Optional[AdafactorCheckpointState]:
+  """The Adafactor state and step of a checkpoint; None when it holds none.
+
+  Reads T5X's `optimizer/state` (legacy msgpack) or `state` ({'step',
+  'param_states'}), and this project's orbax TrainState (the Adafactor node of
+  its `opt_state`: {'count', 'v_row', 'v_col', 'v'}, as optim.py writes it).
+  An AdamW TrainState or a parameters-only checkpoint gives None.
+  """
+  state, resolve = _read_checkpoint(path)
+  found = _find_adafactor_state(state)
+  if found is None:
+    return None
+  step, flat = found
+  values = resolve(flat)
+  param_states: Dict[str, Dict[str, np.ndarray]] = {}
+  for key, value in values.items():
+    name, slot = key.rsplit('/', 1)
+    param_states.setdefault(name, {})[slot] = value
+  return AdafactorCheckpointState(int(np.asarray(step)), param_states, resolve.source)
+
+
+def _find_adafactor_state(state: Any) -> Optional[Tuple[Any, Dict[str, Any]]]:
+  """(step, {'<param>/<slot>': leaf}) of the Adafactor state in a raw checkpoint tree."""
+  if not isinstance(state, Mapping):
+    return None
+  legacy = state.get('optimizer')
+  container = legacy.get('state') if isinstance(legacy, Mapping) else state.get('state')
+  if isinstance(container, Mapping) and isinstance(container.get('param_states'), Mapping):
+    flat = flatten_params(_unfreeze_specs(container['param_states']))
+    if 'step' in container and flat:
+      return container['step'], flat
+  if isinstance(state.get('opt_state'), Mapping):  # this project's TrainState
+    nodes = [state['opt_state']]
+    while nodes:
+      node = nodes.pop()
+      if {'count', *_ADAFACTOR_SLOTS} <= set(node):
+        flat = {f'{name}/{slot}': leaf for slot in _ADAFACTOR_SLOTS
+                for name, leaf in flatten_params(node[slot]).items()
+                if isinstance(leaf, np.ndarray)}
+        return (node['count'], flat) if flat else None
+      nodes.extend(v for v in node.values() if isinstance(v, Mapping))
+  return None
+
+
+class _Resolver:
+  """Turns a checkpoint's flat leaves (inline arrays, TensorStore specs) into float32."""
+
+  def __init__(self, source: str, ckpt_dir: Optional[str] = None, version: int = 0):
+    self.source, self.ckpt_dir, self.version = source, ckpt_dir, version
+
+  def __call__(self, flat: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    inline, specs = {}, {}
+    for name, value in flat.items():
+      if isinstance(value, _Spec):
+        specs[name] = value.spec
+      elif isinstance(value, np.ndarray) or np.isscalar(value):
+        inline[name] = to_float32(value, name, self.source)
+      else:
+        raise CheckpointError(
+            f'{self.source}: parameter {name!r} is a {type(value).__name__}, expected an '
+            'array or a TensorStore spec.')
+    if specs:
+      inline.update(_read_tensorstores(specs, self.ckpt_dir, self.version, self.source))
+    return {n: inline[n] for n in flat}
+
+
+def _read_checkpoint(path: str) -> Tuple[Any, _Resolver]:
+  """(raw state tree, resolver of its leaves) of a T5X msgpack or orbax checkpoint."""
   path = os.fspath(path)
   orbax_dir = _orbax_item_dir(path)
   if orbax_dir is not None:
-    return _load_orbax_params(orbax_dir)
+    return _read_orbax_tree(orbax_dir), _Resolver(orbax_dir)
   ckpt_dir, file = _checkpoint_file(path)
   try:
     raw = _read_bytes(file)
@@ -258,22 +348,8 @@ def load_t5x_params(path: str) -> Params:
     raise CheckpointError(
         f'{file}: not a readable T5X msgpack checkpoint (truncated or not '
         f'msgpack: {type(e).__name__}: {e}).') from e
-  target = _select_target(state, file)
   version = int(state.get('version', 0)) if isinstance(state, Mapping) else 0
-
-  flat = flatten_params(_unfreeze_specs(target))
-  inline, specs = {}, {}
-  for name, value in flat.items():
-    if isinstance(value, _Spec):
-      specs[name] = value.spec
-    elif isinstance(value, np.ndarray) or np.isscalar(value):
-      inline[name] = to_float32(value, name, file)
-    else:
-      raise CheckpointError(
-          f'{file}: parameter {name!r} is a {type(value).__name__}, expected an '
-          'array or a TensorStore spec.')
-  inline.update(_read_tensorstores(specs, ckpt_dir, version, file))
-  return unflatten_params({n: inline[n] for n in flat})
+  return state, _Resolver(file, ckpt_dir, version)
 
 
 def _orbax_item_dir(path: str) -> Optional[str]:
@@ -292,8 +368,8 @@ def _orbax_item_dir(path: str) -> Optional[str]:
   return None
 
 
-def _load_orbax_params(item_dir: str) -> Params:
-  """Reads an orbax PyTree checkpoint as host numpy (no device shardings)."""
+def _read_orbax_tree(item_dir: str) -> Any:
+  """An orbax PyTree checkpoint as host numpy (no device shardings)."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
@@ -303,13 +379,10 @@ def _load_orbax_params(item_dir: str) -> Params:
     tree = tree if tree is not None else getattr(metadata, 'item_metadata', metadata)
     restore_args = jax.tree_util.tree_map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+    return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
         restore_args=restore_args))
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'{item_dir}: unreadable orbax checkpoint: {e}') from e
-  target = _select_target(state, item_dir)
-  return unflatten_params({name: to_float32(value, name, item_dir)
-                           for name, value in flatten_params(target).items()})
 
 
 class _Spec:

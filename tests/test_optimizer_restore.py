@@ -1,0 +1,122 @@
+"""Optimizer state on fine-tuning: reading a checkpoint's Adafactor state and step
+(T5X msgpack, this project's orbax TrainState) and restoring it into the optimizer."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import serialization
+
+from hyperprompt_t5x import checkpoints, network, optim, train_state
+
+
+def _toy_params(seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *shape: jnp.asarray(0.05 * rng.standard_normal(shape), jnp.float32)  # noqa: E731
+  return {
+      'token_embedder': {'embedding': f(160, 8)},
+      'encoder': {'layers_0': {'mlp': {'wi': {'kernel': f(136, 144)}}},
+                  'encoder_norm': {'scale': f(8)}},
+      'decoder': {'logits_dense': {'kernel': f(8, 160)}},
+      'task_conditioning': {'prompts': f(3, 4, 8)},
+  }
+
+
+def _trained_state(freeze='all', optimizer='adafactor', steps=3):
+  params = _toy_params()
+  tx = optim.make_optimizer(optimizer, 1e-2, params=params, freeze=freeze)
+  state = tx.init(params)
+  for step in range(steps):
+    grads = jax.tree_util.tree_map(lambda x: x * (step + 1.5) + 0.01, params)  # noqa: B023
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return tx, params, state
+
+
+def test_real_t5x_checkpoint_holds_adafactor_state_that_fits(t5x_tiny_checkpoint):
+  saved = checkpoints.load_optimizer_state(t5x_tiny_checkpoint)
+  params = checkpoints.load_t5x_params(t5x_tiny_checkpoint)
+  assert saved.step == 0
+  assert sorted(saved.param_states) == sorted(checkpoints.flatten_params(params))
+  # Every slot fits the optimizer the trainer builds for the inferred model.
+  config = checkpoints.t5x_config_from_params(params, method='prompt_tuning', num_tasks=2)
+  shapes = network.param_shapes(config)
+  tx = optim.make_optimizer('adafactor', 1e-3, params=shapes,
+                            param_axes=network.param_logical_axes(config))
+  fresh = jax.eval_shape(tx.init, shapes)
+  state, restored, new = optim.restore_adafactor_state(fresh, saved.step, saved.param_states)
+  assert len(restored) == len(saved.param_states)
+  assert new == ['task_conditioning/prompts']
+  assert int(optim.find_adafactor_state(state).count) == 0
+
+
+def test_t5x_msgpack_state_round_trip(tmp_path):
+  _, params, state = _trained_state()
+  ours = optim.find_adafactor_state(state)
+  param_states = {name: dict(slots, m=np.zeros((1,), np.float32))
+                  for name, slots in optim.flatten_t5x_param_states(ours).items()}
+  nested = checkpoints.unflatten_params(
+      {f'{n}/{k}': np.asarray(v) for n, slots in param_states.items() for k, v in slots.items()})
+  (tmp_path / 'checkpoint_3').mkdir()
+  (tmp_path / 'checkpoint_3' / 'checkpoint').write_bytes(serialization.msgpack_serialize({
+      'version': 3, 'optimizer': {'target': jax.device_get(params),
+                                  'state': {'step': np.int32(3), 'param_states': nested}}}))
+  saved = checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_3'))
+  assert saved.step == 3
+  for name, slots in param_states.items():
+    for slot, value in slots.items():
+      np.testing.assert_array_equal(saved.param_states[name][slot], value)
+
+
+@pytest.mark.parametrize('freeze', ['all', 'prompts'])
+def test_project_checkpoint_state_restores_slot_for_slot(tmp_path, freeze):
+  tx, params, state = _trained_state(freeze)
+  store = train_state.CheckpointStore(tmp_path)
+  store.save(3, train_state.TrainState(step=jnp.int32(3), params=params, opt_state=state))
+  store.wait()
+  saved = checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_3'))
+  ours = optim.flatten_t5x_param_states(optim.find_adafactor_state(state))
+  assert saved.step == 3 and sorted(saved.param_states) == sorted(ours)
+  # A fresh optimizer of the full model takes the backbone slots and the step;
+  # the conditioning (fresh parameters) keeps fresh slots.
+  full = optim.make_optimizer('adafactor', 1e-2, params=params)
+  restored_state, restored, fresh = optim.restore_adafactor_state(
+      full.init(params), saved.step, saved.param_states)
+  got = optim.find_adafactor_state(restored_state)
+  backbone = [n for n in ours if not n.startswith('task_conditioning')]
+  assert sorted(restored) == sorted(backbone)
+  if freeze == 'prompts':  # only the prompts trained: nothing to restore, step stays 0
+    assert not backbone and int(got.count) == 0
+    return
+  assert int(got.count) == 3
+  assert fresh == ['task_conditioning/prompts']
+  flat = optim.flatten_t5x_param_states(got)
+  for name in backbone:
+    for slot in ('v_row', 'v_col', 'v'):
+      np.testing.assert_array_equal(flat[name][slot], ours[name][slot])
+  assert not np.any(flat['task_conditioning/prompts']['v'])
+
+
+def test_adamw_checkpoint_and_parameters_only_hold_no_adafactor_state(tmp_path):
+  _, params, state = _trained_state(optimizer='adamw')
+  store = train_state.CheckpointStore(tmp_path)
+  store.save(3, train_state.TrainState(step=jnp.int32(3), params=params, opt_state=state))
+  store.wait()
+  assert checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_3')) is None
+  (tmp_path / 'checkpoint_9').mkdir()
+  (tmp_path / 'checkpoint_9' / 'checkpoint').write_bytes(serialization.msgpack_serialize(
+      {'version': 3, 'optimizer': {'target': jax.device_get(params)}}))
+  assert checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_9')) is None
+
+
+def test_state_of_another_factoring_is_one_clear_error():
+  params = _toy_params()
+  tx = optim.make_optimizer('adafactor', 1e-2, params=params)
+  name = 'encoder/layers_0/mlp/wi/kernel'  # factored here: v_row [136], v_col [144]
+  bad = {name: {'v_row': np.zeros((1,)), 'v_col': np.zeros((1,)), 'v': np.ones((136, 144))}}
+  with pytest.raises(ValueError, match=r'ckpt_x: .*wi/kernel/v_row.*RESTORE_OPTIMIZER_STATE'):
+    optim.restore_adafactor_state(tx.init(params), 5, bad, source='ckpt_x')
+  # No slot of this optimizer in the checkpoint: the state is left as it was.
+  state = tx.init(params)
+  same, restored, _ = optim.restore_adafactor_state(state, 5, {'other/kernel': {'v': 1}})
+  assert same is state and not restored
