@@ -136,8 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # A failed checkpoint write (e.g. a full disk) is reported as one line; orbax's
   # unretrieved asyncio task errors would repeat it as tracebacks.
   logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-  from hyperprompt_t5x import trainer  # pylint: disable=g-import-not-at-top
-  known = (ValueError, FileNotFoundError, FileExistsError, trainer.TrainingDivergedError)
+  from hyperprompt_t5x import divergence  # pylint: disable=g-import-not-at-top
+  known = (ValueError, FileNotFoundError, FileExistsError, divergence.TrainingDivergedError)
   try:
     return run(argv)
   except Exception as e:  # pylint: disable=broad-except
@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise
     if os.environ.get('HYPERPROMPT_TRACEBACK'):
       raise
-    kind = 'training diverged' if isinstance(e, trainer.TrainingDivergedError) else 'error'
+    kind = 'training diverged' if isinstance(e, divergence.TrainingDivergedError) else 'error'
     message = str(e).strip()
     if _is_tensorflow_io_error(e):  # e.g. gs:// unreachable: vocabulary, TFDS, checkpoint
       message = ' '.join(message.split()) + (

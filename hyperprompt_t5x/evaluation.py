@@ -223,7 +223,7 @@ def _restored_evaluator(model_dir, model_config, mixture_or_task_name, task_feat
                         checkpoint_path, num_partitions, optimizer, freeze, *, split,
                         batch_size, max_examples):
   """The run restored from a MODEL_DIR checkpoint and an Evaluator over its tasks."""
-  from hyperprompt_t5x import trainer  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import run_setup  # pylint: disable=g-import-not-at-top
   if not isinstance(model_dir, str):
     raise ValueError(f'model_dir must be a path, got {model_dir!r} (gin macro MODEL_DIR)')
   ckpt_dir, step = _checkpoint_step(checkpoint_path)
@@ -235,13 +235,13 @@ def _restored_evaluator(model_dir, model_config, mixture_or_task_name, task_feat
     raise FileNotFoundError(f'no checkpoint in MODEL_DIR {model_dir} (nothing to evaluate)')
   if step is not None and f'checkpoint_{step}' not in steps:
     raise FileNotFoundError(f'no checkpoint_{step} in {model_dir}; it has {sorted(steps)}')
-  lengths = trainer.validate_feature_lengths(task_feature_lengths)
-  settings = trainer.OptimizerSettings(optimizer=optimizer, freeze=freeze)
-  run = trainer.build_run(model_dir=model_dir, config=model_config,
-                          mixture_or_task_name=mixture_or_task_name,
-                          task_feature_lengths=lengths, settings=settings,
-                          num_partitions=num_partitions, checkpoint_step=step,
-                          require_checkpoint=True)
+  lengths = run_setup.validate_feature_lengths(task_feature_lengths)
+  settings = run_setup.OptimizerSettings(optimizer=optimizer, freeze=freeze)
+  run = run_setup.build_run(model_dir=model_dir, config=model_config,
+                            mixture_or_task_name=mixture_or_task_name,
+                            task_feature_lengths=lengths, settings=settings,
+                            num_partitions=num_partitions, checkpoint_step=step,
+                            require_checkpoint=True)
   evaluator = Evaluator(run, mixture_or_task_name, lengths, split=split,
                         batch_size=batch_size, max_examples=max_examples,
                         model_dir=model_dir)

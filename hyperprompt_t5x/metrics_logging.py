@@ -16,7 +16,21 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+
+def is_chief() -> bool:
+  """Process 0 of a multi-host run: the one that prints and writes files."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+  """One console line from the chief process."""
+  if is_chief():
+    print(message, flush=True)
 
 
 def _scalar(value: Any) -> Any:
@@ -126,3 +140,48 @@ class Throughput:
     steps = step - self._step
     self._step, self._time = step, now
     return steps / dt, steps * tokens_per_step / dt
+
+
+class PendingMetrics:
+  """Train-step metrics left on the device until a log step (no per-step sync)."""
+
+  def __init__(self):
+    self._pending: list = []  # (step index, device metrics)
+
+  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self._pending.append((step, metrics))
+
+  def fetch(self) -> list:
+    """(step index, host metrics) of every step since the last fetch."""
+    import jax  # pylint: disable=g-import-not-at-top
+    pending, self._pending = self._pending, []
+    fetched = jax.device_get([m for _, m in pending])
+    return [(s, m) for (s, _), m in zip(pending, fetched)]
+
+
+class TrainLog:
+  """The train metrics of each log window: metrics.jsonl, TensorBoard and the progress line."""
+
+  def __init__(self, logger: MetricsLogger, *, schedule, start_step: int, total_steps: int,
+               tokens_per_step: int):
+    self.logger = logger
+    self.schedule = schedule
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self.throughput = Throughput(start_step)
+    self.loss: Optional[float] = None
+
+  def record(self, step: int, fetched: list) -> None:
+    """Writes the mean of each scalar over `fetched` (the steps up to `step`)."""
+    if not fetched:
+      return
+    steps_per_sec, tokens_per_sec = self.throughput.rates(step, self.tokens_per_step)
+    last = fetched[-1][1]
+    window = {k: float(np.mean([np.asarray(m[k]) for _, m in fetched]))
+              for k in last if np.ndim(last[k]) == 0}
+    lr = window.get('learning_rate', float(self.schedule(step - 1)))
+    self.logger.write(step, dict(window, learning_rate=lr, steps_per_sec=steps_per_sec,
+                                 tokens_per_sec=tokens_per_sec))
+    self.logger.progress(step, self.total_steps, window['loss'], lr, steps_per_sec,
+                         tokens_per_sec)
+    self.loss = window['loss']

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import checkpoints, cli, trainer
+from hyperprompt_t5x import checkpoints, cli, divergence, run_setup
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
@@ -166,11 +166,11 @@ def t5x_start(t5x_tiny_checkpoint, tmp_path_factory):
   config = gin_config.model_config()
 
   def start(path):
-    run = trainer.build_run(model_dir=str(tmp_path_factory.mktemp('start')), config=config,
-                            mixture_or_task_name='hyperprompt_demo',
-                            task_feature_lengths={'inputs': 8, 'targets': 2},
-                            settings=trainer.OptimizerSettings(optimizer='adamw'),
-                            initial_checkpoint_path=path)
+    run = run_setup.build_run(model_dir=str(tmp_path_factory.mktemp('start')), config=config,
+                              mixture_or_task_name='hyperprompt_demo',
+                              task_feature_lengths={'inputs': 8, 'targets': 2},
+                              settings=run_setup.OptimizerSettings(optimizer='adamw'),
+                              initial_checkpoint_path=path)
     return checkpoints.flatten_params(jax.device_get(run.state.params))
 
   previous = jax.config.jax_default_prng_impl
@@ -278,7 +278,7 @@ def test_mixture_task_count_differs_from_num_tasks(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained_dir, tmp_path):
   model_dir = copy_of(trained_dir, tmp_path)
   good = {k: v for k, v in snapshot(model_dir).items() if k.startswith('checkpoint_2')}
-  with pytest.raises(trainer.TrainingDivergedError, match='checkpoint_2') as e:
+  with pytest.raises(divergence.TrainingDivergedError, match='checkpoint_2') as e:
     cli.run(demo_args(model_dir, '--gin.LEARNING_RATE=1e39', "--gin.LR_SCHEDULE='constant'",
                       steps=6, save=1))
   assert 'nan' in str(e.value).lower() or 'inf' in str(e.value).lower()
