@@ -1,0 +1,172 @@
+"""The T5X model class: same loss, scores and decodes as the project's model, every method."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+try:
+  import t5x  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pytest.skip('t5x not importable (install it with ../shared/vendor/install-t5x.sh)',
+              allow_module_level=True)
+
+import seqio  # noqa: E402
+from t5x import decoding as t5x_decoding  # noqa: E402
+from t5x import optimizers as t5x_optimizers  # noqa: E402
+
+from hyperprompt_t5x import models  # noqa: E402
+from hyperprompt_t5x import network  # noqa: E402
+from hyperprompt_t5x import t5x_model  # noqa: E402
+
+TARGET_LEN = 4
+
+
+def _config(method):
+  return network.T5Config.from_size(
+      'tiny', method=method, num_tasks=3, dtype=jnp.float32, dropout_rate=0.0,
+      num_encoder_layers=1, num_decoder_layers=1, prompt_length=3, bottleneck=4,
+      task_embed_dim=4, layer_task_dim=5, adapter_dim=4)
+
+
+def _t5x_model(config, decode_fn=t5x_decoding.beam_search):
+  vocab = seqio.ByteVocabulary()
+  return t5x_model.HyperPromptEncoderDecoderModel(
+      network.Transformer(config), vocab, vocab, t5x_optimizers.sgd(0.1),
+      decode_fn=decode_fn, z_loss=1e-4, loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+
+
+def _batch():
+  rng = np.random.RandomState(0)
+  enc = rng.randint(2, 64, (4, 7)).astype(np.int32)
+  enc[:, 5:] = 0
+  tgt = rng.randint(2, 64, (4, TARGET_LEN)).astype(np.int32)
+  tgt[:, -1] = 1
+  tgt[0, 2:] = [1, 0]
+  dec = np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], axis=1)
+  # Task ids as T5X batches them: [batch, 1] (the tasks emit length-1 vectors).
+  return dict(encoder_input_tokens=enc, decoder_input_tokens=dec, decoder_target_tokens=tgt,
+              decoder_loss_weights=(tgt > 0).astype(np.int32),
+              task_ids=np.array([[0], [1], [2], [1]], np.int32))
+
+
+def _project_batch(batch):
+  return dict(batch, task_ids=batch['task_ids'][:, 0])
+
+
+def _until_eos(row):
+  row = list(np.asarray(row))
+  return row[:row.index(1) + 1] if 1 in row else row
+
+
+@pytest.mark.parametrize('method', network.METHODS)
+def test_loss_scores_and_greedy_equal_the_project_model(method):
+  """Greedy = T5X's sampling at temperature 0 (a width-1 beam search is not greedy:
+  it keeps the best finished sequence, see the beam test)."""
+  config = _config(method)
+  params = network.random_params(config, seed=1)
+  batch = _batch()
+  other = dict(batch, task_ids=(batch['task_ids'] + 1) % 3)
+  ours = models.EncoderDecoderModel(config, z_loss=1e-4)
+  theirs = _t5x_model(config, decode_fn=t5x_decoding.temperature_sample)
+
+  @jax.jit  # one compile per side
+  def run_theirs(p, b, o):
+    sampled, _ = theirs.predict_batch_with_aux(
+        p, b, decoder_params={'temperature': 0.0}, rng=jax.random.PRNGKey(0))
+    return (theirs.loss_fn(p, b, None)[0], theirs.score_batch(p, b), sampled,
+            theirs.score_batch(p, o))
+
+  @jax.jit
+  def run_ours(p, b):
+    return (ours.loss_fn(p, b, None)[0], ours.score_batch(p, b),
+            ours.predict_batch(p, b, TARGET_LEN))
+
+  loss, scores, sampled, other_scores = run_theirs(params, batch, other)
+  want_loss, want_scores, greedy = run_ours(params, _project_batch(batch))
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+  for got, want in zip(np.asarray(sampled), np.asarray(greedy)):
+    assert _until_eos(got) == _until_eos(want)
+  if method != 'none':  # the task ids matter: other ids score differently
+    assert not np.allclose(other_scores, scores)
+
+
+@pytest.mark.parametrize('method', ['global', 'prompt_tuning'])
+def test_beams_score_their_sequences_like_teacher_forcing(method):
+  """Each of 3 beams (task ids and encoder outputs expanded per beam) scores its
+  sequence as teacher forcing does, and the best is at least greedy's. (On a
+  trained model beam search equals greedy: test_t5x_runs.py.)"""
+  config = _config(method)
+  params = network.random_params(config, seed=2)
+  batch = _batch()
+  ours = models.EncoderDecoderModel(config, z_loss=0.0)
+  greedy = np.asarray(ours.predict_batch(params, _project_batch(batch), TARGET_LEN))
+
+  beams = _t5x_model(config)
+  decodes, aux = beams.predict_batch_with_aux(
+      params, batch, num_decodes=3, return_all_decodes=True, decoder_params={'alpha': 0.0})
+  assert decodes.shape == (4, 3, TARGET_LEN)
+
+  def score(tokens):
+    tokens = np.asarray(tokens)
+    # Weights up to and including the first EOS (a random model may emit id 0).
+    live = (np.cumsum(tokens == 1, axis=1) - (tokens == 1)) == 0
+    dec = np.concatenate([np.zeros((4, 1), np.int32), tokens[:, :-1]], axis=1)
+    return np.asarray(ours.score_batch(params, dict(
+        _project_batch(batch), decoder_input_tokens=dec, decoder_target_tokens=tokens,
+        decoder_loss_weights=live.astype(np.int32))))
+
+  # Beams without the padding id 0 (random weights may emit it mid-sequence).
+  finished = np.all(np.asarray(decodes) != 0, axis=-1)  # [batch, beams]
+  assert finished.sum() >= 6
+  for k in range(3):  # such a beam's score is its sequence's log-likelihood
+    np.testing.assert_allclose(np.asarray(aux['scores'][:, k])[finished[:, k]],
+                               score(decodes[:, k])[finished[:, k]], rtol=1e-4, atol=1e-4)
+  assert np.all(score(decodes[:, -1]) >= score(greedy) - 1e-4)
+
+
+def test_initial_variables_are_the_network_tree_with_axes():
+  config = _config('global')
+  variables = _t5x_model(config).get_initial_variables(
+      jax.random.PRNGKey(0), {'encoder_input_tokens': (2, 5), 'decoder_input_tokens': (2, 3)},
+      {'encoder_input_tokens': jnp.int32, 'decoder_input_tokens': jnp.int32})
+  shapes = jax.tree_util.tree_map(lambda x: x.shape, network.param_shapes(config))
+  assert jax.tree_util.tree_map(lambda x: x.shape, dict(variables['params'])) == shapes
+  assert 'task_conditioning' in variables['params_axes']
+
+
+def test_bad_batches_get_one_clear_error():
+  model = _t5x_model(_config('global'))
+  params = network.random_params(_config('global'))
+  batch = _batch()
+  with pytest.raises(ValueError, match='no "task_ids" feature'):
+    model.loss_fn(params, {k: v for k, v in batch.items() if k != 'task_ids'}, None)
+  with pytest.raises(ValueError, match='must not be packed'):
+    model.loss_fn(params, dict(batch, encoder_segment_ids=np.ones((4, 7), np.int32)), None)
+  with pytest.raises(TypeError, match='network.Transformer'):
+    t5x_model.HyperPromptEncoderDecoderModel(object(), None, None, None)
+
+
+def test_conditioning_axes_have_factor_and_partitioning_rules():
+  """T5X's Adafactor accepts every parameter's axes; no conditioning axis is sharded."""
+  from t5x import adafactor
+  config = _config('hyperformer')
+  axes = models.EncoderDecoderModel(config).logical_axes(4, 4)
+  opt = adafactor.Adafactor(logical_factor_rules=t5x_model.logical_factor_rules())
+  opt.set_param_axes(axes)  # KeyError on an axis without a rule
+  assert dict(t5x_model.conditioning_axis_rules())['hyper_bottleneck'] is None
+
+
+def test_only_the_t5x_adapter_imports_t5x():
+  code = ('import sys, importlib, pkgutil, hyperprompt_t5x\n'
+          'for m in pkgutil.iter_modules(hyperprompt_t5x.__path__):\n'
+          '  if m.name != "t5x_model": importlib.import_module("hyperprompt_t5x." + m.name)\n'
+          'import hyperprompt_t5x.tasks\n'
+          'bad = sorted(n for n in sys.modules if n == "t5x" or n.startswith("t5x."))\n'
+          'assert not bad, bad\n')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
