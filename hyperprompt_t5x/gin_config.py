@@ -12,12 +12,14 @@ gin is imported lazily: nothing the model or the train step imports pulls it in.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.resources
 import inspect
 import logging
 import os
 import pathlib
-from typing import Any, Iterable, Sequence
+import re
+from typing import Any, Iterable, Optional, Sequence
 
 import hyperprompt_t5x
 
@@ -29,6 +31,8 @@ _CONFIGURABLES = {
 }
 _REGISTERED: dict[str, Any] = {}
 _DTYPES = ('float32', 'bfloat16', 'float16')
+# network.METHODS, in the README's order (no model import for the CLI's checks).
+METHOD_NAMES = ('global', 'share', 'sep', 'prompt_tuning', 'hyperformer', 'none')
 
 
 class GinConfigError(ValueError):
@@ -68,7 +72,71 @@ def resolve_gin_file(name: str, extra_search_paths: Iterable[str] = ()) -> pathl
       if candidate.is_file():
         return candidate
   raise GinConfigError(
-      f'gin file {name!r} not found; looked in: ' + ', '.join(str(t) for t in tried))
+      f'gin file {name!r} not found{did_you_mean(name, shipped_gin_files())}; looked in: '
+      + ', '.join(str(t) for t in tried))
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+  """' (did you mean 'X'?)' for the closest candidate, or ''."""
+  close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+  return f' (did you mean {close[0]!r}?)' if close else ''
+
+
+def shipped_gin_files() -> list[str]:
+  """The installed gin files, as names `--gin_file` accepts (e.g. 'methods/mtl.gin')."""
+  names = set()
+  for d in installed_gin_dirs():
+    names.update(str(p.relative_to(d)) for p in d.rglob('*.gin'))
+  return sorted(names)
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""")
+_SETS_METHOD = re.compile(r'^\s*(METHOD|T5Config\.method)\s*=')
+
+
+def _chooses_method(path: pathlib.Path, extra_search_paths: Sequence[str],
+                    depth: int = 0) -> Optional[str]:
+  """Where `path` sets METHOD / T5Config.method: itself, the include that does, or None."""
+  via = None
+  for line in path.read_text().splitlines():
+    if _SETS_METHOD.match(line):
+      return path.name
+    include = _INCLUDE.match(line)
+    if include and via is None and depth < 20:
+      try:
+        included = resolve_gin_file(include.group(1), extra_search_paths)
+      except GinConfigError:
+        continue  # gin reports the missing include itself
+      if _chooses_method(included, extra_search_paths, depth + 1):
+        via = include.group(1)
+  return via
+
+
+def _check_one_method_file(gin_files: Sequence[str], paths: Sequence[pathlib.Path],
+                           extra_search_paths: Sequence[str]) -> None:
+  """Two files that each choose a method: the later one would reset the earlier's sizes."""
+  choosers = [(name, _chooses_method(path, extra_search_paths))
+              for name, path in zip(gin_files, paths)]
+  choosers = [(name, via) for name, via in choosers if via]
+  if len(choosers) > 1:
+    described = ', '.join(name + (f' (via {via})' if via not in (name, pathlib.Path(name).name)
+                                  else '') for name, via in choosers)
+    raise GinConfigError(
+        f'more than one gin file chooses the method: {described}; the later one would '
+        'reset the earlier one\'s prompt length and sizes. Give one top-level file and '
+        'choose the method with --gin.METHOD=<' + '|'.join(METHOD_NAMES) + '>')
+
+
+def _check_method() -> None:
+  """METHOD (when the files define it) names a known method."""
+  import gin  # pylint: disable=g-import-not-at-top
+  if 'METHOD' not in defined_macros():
+    return
+  value = gin.query_parameter('%METHOD')
+  if value not in METHOD_NAMES:
+    raise GinConfigError(
+        f'unknown METHOD {value!r}{did_you_mean(value, METHOD_NAMES)}; '
+        f'expected one of {", ".join(METHOD_NAMES)}')
 
 
 def _t5_config_factory():
@@ -138,7 +206,9 @@ def parse(gin_files: Sequence[str],
     gin.add_config_file_search_path(str(d))
   if not gin_files:
     raise GinConfigError('no --gin_file given; e.g. --gin_file=demo.gin')
-  files = [str(resolve_gin_file(f, gin_search_paths)) for f in gin_files]
+  paths = [resolve_gin_file(f, gin_search_paths) for f in gin_files]
+  _check_one_method_file(gin_files, paths, gin_search_paths)
+  files = [str(p) for p in paths]
   previous = logging.root.manager.disable
   logging.disable(logging.ERROR)  # gin logs every include path it tries and misses
   try:
@@ -158,22 +228,23 @@ def parse(gin_files: Sequence[str],
       continue
     if name not in known:
       raise GinConfigError(
-          f'unknown macro {name!r} in --gin.{name}=...: no gin file defines it; '
-          f'defined macros: {", ".join(sorted(known))}')
+          f'unknown macro {name!r} in --gin.{name}=...{did_you_mean(name, known)}: no gin '
+          f'file defines it; defined macros: {", ".join(sorted(known))}')
     overrides.append(f'{name} = {_literal(value)}')
   for binding in bindings:
     head = binding.split('=', 1)[0].strip()
     if head and '.' not in head and '/' not in head and not head.startswith(
         ('include', 'import')) and head not in known:
       raise GinConfigError(
-          f'unknown macro {head!r} in --gin_bindings: no gin file defines it; '
-          f'defined macros: {", ".join(sorted(known))}')
+          f'unknown macro {head!r} in --gin_bindings{did_you_mean(head, known)}: no gin '
+          f'file defines it; defined macros: {", ".join(sorted(known))}')
     overrides.append(binding)
   for text in overrides:
     try:
       gin.parse_config(text)
     except (ValueError, SyntaxError) as e:
       raise GinConfigError(f'bad binding {text!r}: {e}') from e
+  _check_method()
 
 
 def _walk_required(name: str, seen: set[str]) -> list[str]:

@@ -12,6 +12,7 @@ A task used on its own has task id 0. The MNLI evaluation tasks
 are proportional to the official training sizes, raised to 1/temperature
 (`set_temperature`, default 1); the demo tasks mix equally.
 """
+import difflib
 from typing import Dict, List, Mapping, Optional
 
 import seqio
@@ -86,7 +87,11 @@ def task_names(mixture_or_task_name: str) -> List[str]:
     return list(MIXTURE_TASKS[mixture_or_task_name])
   if mixture_or_task_name in seqio.TaskRegistry.names():
     return [mixture_or_task_name]
-  raise ValueError(f'unknown mixture or task {mixture_or_task_name!r}; registered '
+  names = list(MIXTURE_TASKS) + [n for n in seqio.TaskRegistry.names()
+                                 if n.startswith('hyperprompt_')]
+  close = difflib.get_close_matches(str(mixture_or_task_name), names, n=1)
+  hint = f' (did you mean {close[0]!r}?)' if close else ''
+  raise ValueError(f'unknown mixture or task {mixture_or_task_name!r}{hint}; registered '
                    f'{registered_names()}')
 
 

@@ -43,7 +43,7 @@ def test_every_shipped_gin_file_is_covered_and_parses():
   found = sorted(str(p.relative_to(root)) for p in root.rglob('*.gin'))
   expected = sorted(
       [f'models/{s}.gin' for s in ['tiny', *T5_1_1]]
-      + [f'methods/{m}.gin' for m in METHOD_OF]
+      + [f'methods/{m}.gin' for m in METHOD_OF] + ['methods/conditioning.gin']
       + [f'runs/{r}.gin' for r in ('finetune', 'eval', 'infer')]
       + [f'hyperprompt_{s}.gin' for s in T5_1_1] + ['demo.gin'])
   assert found == expected
@@ -149,3 +149,52 @@ def test_macro_values_from_the_command_line():
   assert gin.query_parameter('%INITIAL_CHECKPOINT_PATH') is None
   assert gin.query_parameter('%MIXTURE_OR_TASK_NAME') == 'hyperprompt_demo'
   assert gin.query_parameter('%TASK_FEATURE_LENGTHS') == {'inputs': 9, 'targets': 3}
+
+
+# ----------------------------------------------------------------------------
+# --gin.METHOD: one top-level file, any method, the file's sizes kept.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('top', ['demo.gin'] + [f'hyperprompt_{s}.gin' for s in T5_1_1])
+def test_method_macro_switches_method_and_keeps_the_files_sizes(top):
+  default = _build([top])
+  for method in gin_config.METHOD_NAMES:
+    config = _build([top], METHOD=method)
+    assert config.method == method
+    for field in ('prompt_length', 'bottleneck', 'task_embed_dim', 'layer_task_dim',
+                  'adapter_dim', 'num_tasks', 'emb_dim', 'dropout_rate'):
+      assert getattr(config, field) == getattr(default, field), (method, field)
+
+
+def test_demo_sizes_survive_a_method_switch():
+  config = _build(['demo.gin'], METHOD='share')
+  assert (config.prompt_length, config.bottleneck, config.task_embed_dim) == (4, 16, 16)
+
+
+def test_unknown_method_lists_the_valid_ones():
+  with pytest.raises(gin_config.GinConfigError) as e:
+    gin_config.parse(['demo.gin'], macros=[('METHOD', 'shar')])
+  assert "did you mean 'share'" in str(e.value)
+  for name in gin_config.METHOD_NAMES:
+    assert name in str(e.value)
+
+
+@pytest.mark.parametrize('files', [['demo.gin', 'methods/hyperprompt_share.gin'],
+                                   ['methods/mtl.gin', 'hyperprompt_small.gin']])
+def test_a_second_method_file_is_refused_not_ignored(files):
+  with pytest.raises(gin_config.GinConfigError, match=r'--gin\.METHOD=') as e:
+    gin_config.parse(files)
+  assert files[0] in str(e.value) and files[1] in str(e.value)
+
+
+def test_parts_with_one_method_file_still_compose():
+  config = _build(['models/tiny.gin', 'methods/hyperprompt_sep.gin'], NUM_TASKS=2)
+  assert config.method == 'sep'
+
+
+def test_did_you_mean_for_macro_and_gin_file():
+  with pytest.raises(gin_config.GinConfigError, match="did you mean 'TRAIN_STEPS'"):
+    gin_config.parse(['demo.gin'], macros=[('TRAIN_STEP', '3')])
+  with pytest.raises(gin_config.GinConfigError, match="did you mean 'demo.gin'"):
+    gin_config.parse(['dmeo.gin'])
