@@ -82,4 +82,5 @@ def register() -> List[str]:
       source=seqio.FunctionDataSource(_dataset_fn(task), splits=list(SPLIT_SIZES),
                                       num_input_examples=dict(SPLIT_SIZES)),
       preprocessors=[], postprocess_fn=postprocessors.identity_text,
-      metric_fns=[metrics.accuracy]) for task in MIXTURE_TASKS]
+      metric_fns=[metrics.accuracy], task_id=MIXTURE_TASKS.index(task),
+      num_tasks=len(MIXTURE_TASKS)) for task in MIXTURE_TASKS]

@@ -115,12 +115,19 @@ def _postprocessor(task: GlueTask):
   return postprocessors.class_label_postprocessor(task.files.label_classes)
 
 
+def home_task_id(name: str) -> int:
+  """The task's id in `hyperprompt_glue` (MNLI's for its eval tasks; WNLI: 0, alone)."""
+  train = next((t for t, evals in EVAL_TASKS.items() if name in evals), name)
+  return MIXTURE_TASKS.index(train) if train in MIXTURE_TASKS else 0
+
+
 def register(vocabulary: seqio.Vocabulary) -> List[str]:
   """(Re-)registers every GLUE task with `vocabulary`; returns their names."""
   return [vocab.register_text_task(
       PREFIX + task.name, vocabulary, source=task_source(task),
       preprocessors=[_text_preprocessor(task)], postprocess_fn=_postprocessor(task),
-      metric_fns=task.metric_fns) for task in GLUE_TASKS.values()]
+      metric_fns=task.metric_fns, task_id=home_task_id(task.name),
+      num_tasks=len(MIXTURE_TASKS)) for task in GLUE_TASKS.values()]
 
 
 def mixing_counts() -> Dict[str, int]:

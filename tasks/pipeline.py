@@ -35,9 +35,12 @@ def _task_split(task: seqio.Task, split: str) -> str:
 
 
 def _with_task_id(ds: tf.data.Dataset, task_id: int) -> tf.data.Dataset:
-  # Keep only what the converter needs, so all tasks share one structure.
+  """The id in the mixture asked for replaces the task's own (its home mixture's).
+
+  Keeps only what the converter needs, so all tasks share one structure.
+  """
   return ds.map(lambda ex: {'inputs': ex['inputs'], 'targets': ex['targets'],
-                            'task_id': tf.constant(task_id, tf.int32)},
+                            'task_id': tf.constant([task_id], tf.int32)},
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 

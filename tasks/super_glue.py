@@ -80,7 +80,8 @@ def register(vocabulary: seqio.Vocabulary) -> List[str]:
   return [vocab.register_text_task(
       PREFIX + task.name, vocabulary, source=task_source(task),
       preprocessors=[_text_preprocessor(task)], postprocess_fn=_postprocessor(task),
-      metric_fns=task.metric_fns) for task in SUPER_GLUE_TASKS.values()]
+      metric_fns=task.metric_fns, task_id=MIXTURE_TASKS.index(task.name),
+      num_tasks=len(MIXTURE_TASKS)) for task in SUPER_GLUE_TASKS.values()]
 
 
 def mixing_counts() -> Dict[str, int]:

@@ -19,6 +19,7 @@ import os
 from typing import Optional, Union
 
 import seqio
+import tensorflow as tf
 
 DEFAULT_SPM_PATH = 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model'
 VOCABULARY_ENV = 'HYPERPROMPT_VOCABULARY'
@@ -66,16 +67,39 @@ def replace(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabulary:
   return _Current.vocabulary
 
 
+TASK_ID_FEATURE = 'task_id'
+
+
+def add_task_id(task_id: int):
+  """Preprocessor: each example gets `task_id` = [task_id] (int32, length 1).
+
+  A length-1 vector, not a scalar: seqio.Evaluator measures every output
+  feature's length, and T5X batches it to [batch, 1].
+  """
+  @seqio.map_over_dataset
+  def fn(ex):
+    return dict(ex, **{TASK_ID_FEATURE: tf.constant([task_id], tf.int32)})
+  return fn
+
+
 def register_text_task(name: str, vocabulary: seqio.Vocabulary, *, source: seqio.DataSource,
-                       preprocessors, postprocess_fn, metric_fns) -> str:
-  """(Re-)registers a text-to-text task: `preprocessors`, then tokenize + EOS."""
+                       preprocessors, postprocess_fn, metric_fns, task_id: int,
+                       num_tasks: int) -> str:
+  """(Re-)registers a text-to-text task: `preprocessors`, then tokenize + EOS.
+
+  The task emits its id in its home mixture (`task_id` of `num_tasks`) as the
+  output feature `task_id`, so per-task pipelines (T5X, seqio.Evaluator) see it.
+  """
   features = {key: seqio.Feature(vocabulary, add_eos=True) for key in ('inputs', 'targets')}
+  features[TASK_ID_FEATURE] = seqio.Feature(
+      seqio.PassThroughVocabulary(num_tasks), add_eos=False, dtype=tf.int32)
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       name,
       source=source,
       preprocessors=list(preprocessors) + [seqio.preprocessors.tokenize,
-                                           seqio.preprocessors.append_eos_after_trim],
+                                           seqio.preprocessors.append_eos_after_trim,
+                                           add_task_id(task_id)],
       output_features=features,
       postprocess_fn=postprocess_fn,
       metric_fns=list(metric_fns))

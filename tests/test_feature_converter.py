@@ -124,7 +124,7 @@ def test_converter_rejects_packing_and_missing_task_id():
 
 def test_converter_pads_and_keeps_task_id():
   ds = tf.data.Dataset.from_tensors({'inputs': tf.constant([5, 6, 1]), 'targets': tf.constant([7, 1]),
-                                     'task_id': tf.constant(4, tf.int32)})
+                                     'task_id': tf.constant([4], tf.int32)})
   out = next(TaskIdEncDecFeatureConverter()(ds, {'inputs': 5, 'targets': 3}).as_numpy_iterator())
   np.testing.assert_array_equal(out['encoder_input_tokens'], [5, 6, 1, 0, 0])
   np.testing.assert_array_equal(out['decoder_target_tokens'], [7, 1, 0])
@@ -164,3 +164,21 @@ def test_same_seed_same_batches():
   seven = first(7)
   assert first(7) == seven
   assert first(8) != seven
+
+
+def test_each_task_emits_its_home_mixture_id():
+  """Per-task pipelines (T5X, seqio.Evaluator) get the id from the task itself."""
+  import seqio
+  from hyperprompt_t5x.tasks import mixtures
+  for name in ('hyperprompt_demo_min', 'hyperprompt_demo_has_a'):
+    ex = next(seqio.get_mixture_or_task(name).get_dataset(
+        {'inputs': 8, 'targets': 2}, split='validation', shuffle=False).as_numpy_iterator())
+    assert ex['task_id'].tolist() == [mixtures.task_id(mixtures.DEMO, name)]
+  assert glue_home_ids() == {'hyperprompt_glue_mnli_matched': 5, 'hyperprompt_glue_rte': 7,
+                             'hyperprompt_glue_wnli': 0, 'hyperprompt_glue_cola': 0}
+
+
+def glue_home_ids():
+  from hyperprompt_t5x.tasks import glue
+  names = ('mnli_matched', 'rte', 'wnli', 'cola')
+  return {glue.PREFIX + n: glue.home_task_id(n) for n in names}
