@@ -34,6 +34,7 @@ from hyperprompt_t5x.hf_checkpoint import is_hf_t5_directory
 from hyperprompt_t5x.hf_checkpoint import load_hf_t5
 from hyperprompt_t5x.t5x_checkpoint import to_plain_dict
 from hyperprompt_t5x.t5x_checkpoint import absolute_ts_spec
+from hyperprompt_t5x.t5x_checkpoint import adafactor_state_from_t5x
 from hyperprompt_t5x.t5x_checkpoint import AdafactorCheckpointState
 from hyperprompt_t5x.t5x_checkpoint import BACKBONE_KEYS
 from hyperprompt_t5x.t5x_checkpoint import CheckpointError
@@ -180,5 +181,5 @@ __all__ = [
     'split_backbone', 'load_backbone', 'load_pretrained', 'init_params',
     'is_hf_t5_directory', 'absolute_ts_spec', 'flatten_params', 'unflatten_params',
     'BACKBONE_KEYS', 'AdafactorCheckpointState', 'load_t5x_optimizer_state',
-    'load_optimizer_state',
+    'load_optimizer_state', 'adafactor_state_from_t5x',
 ]

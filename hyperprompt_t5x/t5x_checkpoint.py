@@ -272,13 +272,22 @@ def load_t5x_optimizer_state(path: str) -> Optional[AdafactorCheckpointState]:
   An AdamW TrainState or a parameters-only checkpoint gives None.
   """
   state, resolve = _read_checkpoint(path)
+  return _adafactor_state(state, resolve)
+
+
+def adafactor_state_from_t5x(optimizer_state: Any) -> Optional[AdafactorCheckpointState]:
+  """T5X's in-memory Adafactor `OptimizerState` (step, param_states) in the same form."""
+  state_dict = serialization.to_state_dict(optimizer_state)
+  return _adafactor_state({'state': state_dict}, _Resolver('<t5x OptimizerState>'))
+
+
+def _adafactor_state(state: Any, resolve: '_Resolver') -> Optional[AdafactorCheckpointState]:
   found = _find_adafactor_state(state)
   if found is None:
     return None
   step, flat = found
-  values = resolve(flat)
   param_states: Dict[str, Dict[str, np.ndarray]] = {}
-  for key, value in values.items():
+  for key, value in resolve(flat).items():
     name, slot = key.rsplit('/', 1)
     param_states.setdefault(name, {})[slot] = value
   return AdafactorCheckpointState(int(np.asarray(step)), param_states, resolve.source)
@@ -318,7 +327,7 @@ class _Resolver:
     for name, value in flat.items():
       if isinstance(value, _Spec):
         specs[name] = value.spec
-      elif isinstance(value, np.ndarray) or np.isscalar(value):
+      elif hasattr(value, '__array__') or np.isscalar(value):  # numpy, jax arrays
         inline[name] = to_float32(value, name, self.source)
       else:
         raise CheckpointError(

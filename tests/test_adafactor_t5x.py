@@ -5,7 +5,6 @@ heuristic, 3-D [embed, heads, kv] kernels factored by logical axes, a scanned
 'layers' kernel, 1-D scales, embeddings, every task-conditioning leaf kind),
 several steps with fresh gradients each, parameters of a pretrained scale.
 """
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hyperprompt_t5x import optim
+from hyperprompt_t5x import checkpoints, optim
 
 LR = 1e-3
 STEPS = 4
@@ -99,17 +98,6 @@ def _run_t5x(adafactor, params):
   return out
 
 
-def t5x_param_states(state) -> dict:
-  """T5X's OptimizerState -> {'encoder/.../kernel': {'v_row', 'v_col', 'v', 'm'}}."""
-  flat = flax.traverse_util.flatten_dict(
-      flax.serialization.to_state_dict(state.param_states), sep='/')
-  out = {}
-  for key, value in flat.items():
-    name, slot = key.rsplit('/', 1)
-    out.setdefault(name, {})[slot] = np.asarray(value)
-  return out
-
-
 def _our_step(**kw):
   tx = optim.make_optimizer('adafactor', LR, params=_params(), param_axes=AXES, **kw)
 
@@ -150,8 +138,9 @@ def test_each_step_equals_t5x_from_the_same_state(t5x_run):
   for step in range(STEPS):
     state = tx.init(params)
     if t5x_state is not None:
+      saved = checkpoints.adafactor_state_from_t5x(t5x_state)
       state, restored, fresh = optim.restore_adafactor_state(
-          state, int(t5x_state.step), t5x_param_states(t5x_state), skip_prefix=None)
+          state, saved.step, saved.param_states, skip_prefix=None)
       assert len(restored) == len(LEAVES) and not fresh
     ours, _ = apply(params, state, _grads(step))
     theirs, t5x_state = t5x_run[step]
@@ -170,7 +159,8 @@ def test_default_adafactor_follows_t5x_over_steps(t5x_run):
   # The state is T5X's, slot for slot (what a checkpoint restore relies on).
   our_state, t5x_state = ours[-1][1][0], t5x_run[-1][1]
   assert int(our_state.count) == int(t5x_state.step) == STEPS
-  flat, theirs = optim.flatten_t5x_param_states(our_state), t5x_param_states(t5x_state)
+  flat = optim.flatten_t5x_param_states(our_state)
+  theirs = checkpoints.adafactor_state_from_t5x(t5x_state).param_states
   assert sorted(flat) == sorted(theirs)
   for name, slots in flat.items():
     for slot, value in slots.items():
