@@ -18,6 +18,7 @@ import sys
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 
 from hyperprompt_t5x import model_dir_files
 from hyperprompt_t5x.metrics_logging import log
@@ -36,6 +37,9 @@ class OptimizerSettings:
   weight_decay: float = 0.0
   z_loss: float = 1e-4
   label_smoothing: float = 0.0
+  # Fine-tuning from INITIAL_CHECKPOINT_PATH: take its Adafactor state and step
+  # too (T5X's finetune.gin does), or start the optimizer fresh.
+  restore_optimizer_state: bool = True
 
 
 @dataclasses.dataclass
@@ -131,6 +135,44 @@ def mixture_tasks(mixture_or_task_name: str, config) -> tuple[list, Any]:
 # ----------------------------------------------------------------------------
 
 
+def restore_optimizer_state(state, shardings, path: str, enabled: bool):
+  """`state` with the Adafactor state and step of checkpoint `path`, if it has one.
+
+  As T5X fine-tunes: the backbone's slots (v_row / v_col / v) and the Adafactor
+  step (which sets its second-moment decay) come from the checkpoint; the task
+  conditioning's start fresh; TrainState.step (TRAIN_STEPS, checkpoint numbers,
+  the learning-rate schedule) still counts fine-tuning steps from 0. Prints
+  one line saying what happened.
+  """
+  from hyperprompt_t5x import checkpoints, optim, train_state  # pylint: disable=g-import-not-at-top
+  switch = 'RESTORE_OPTIMIZER_STATE'
+  if optim.find_adafactor_state(state.opt_state) is None:
+    log(f'Optimizer state: fresh (the optimizer is not Adafactor; {path} is read for its '
+        'weights only)')
+    return state
+  if not enabled:
+    log(f'Optimizer state: fresh ({switch} = False; {path} gives the weights only)')
+    return state
+  saved = checkpoints.load_optimizer_state(path)
+  if saved is None:
+    log(f'Optimizer state: fresh ({path} holds no Adafactor state)')
+    return state
+  opt_state, restored, fresh = optim.restore_adafactor_state(
+      state.opt_state, saved.step, saved.param_states, source=path)
+  if not restored:
+    log(f'Optimizer state: fresh (none of the parameters that train has Adafactor state '
+        f'in {path})')
+    return state
+  # Restored slots are host arrays: place them as the fresh state's leaves are.
+  opt_state = jax.tree_util.tree_map(
+      lambda x, s: train_state.place(x, s, x.dtype) if isinstance(x, np.ndarray) else x,
+      opt_state, shardings.opt_state)
+  log(f'Optimizer state: Adafactor state and step {saved.step} restored from {path} for '
+      f'{len(restored)} parameters, fresh for {len(fresh)} (task conditioning); '
+      f'{switch} = False starts it fresh')
+  return state.replace(opt_state=opt_state)
+
+
 def build_run(*, model_dir: str, config, mixture_or_task_name: str,
               task_feature_lengths: Mapping[str, int], settings: OptimizerSettings,
               num_partitions: int = 1, seed: int = 0, keep_checkpoints: Optional[int] = None,
@@ -155,6 +197,7 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
                                  settings.warmup_steps)
   abstract_params = model.init_abstract(1, inputs_len, targets_len)['params']
   optimizer = optim.make_optimizer(settings.optimizer, schedule, params=abstract_params,
+                                   param_axes=model.logical_axes(inputs_len, targets_len),
                                    freeze=settings.freeze,
                                    weight_decay=settings.weight_decay)
   abstract_state, shardings = train_state.state_shardings_for(
@@ -191,6 +234,8 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
       state, shardings = train_state.create_train_state(
           model, optimizer, rng, mesh, rules, inputs_len, targets_len, initial_params=params)
       restored_from = f'backbone of {initial_checkpoint_path} (task conditioning fresh)'
+      state = restore_optimizer_state(state, shardings, str(initial_checkpoint_path),
+                                      settings.restore_optimizer_state)
   start = int(jax.device_get(state.step))
   return Run(config=config, model=model, optimizer=optimizer, schedule=schedule, mesh=mesh,
              rules=rules, state=state, shardings=shardings, store=store, start_step=start,

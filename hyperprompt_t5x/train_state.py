@@ -131,7 +131,7 @@ def _tree_diff(got: Mapping[str, Any], want: Mapping[str, Any], limit: int = 20)
   return problems
 
 
-def _place(x, sharding: NamedSharding, dtype) -> jax.Array:
+def place(x, sharding: NamedSharding, dtype) -> jax.Array:
   """Host or device array -> global array with `sharding` (each process: its shards)."""
   if isinstance(x, jax.Array):
     return jax.device_put(x.astype(dtype), sharding)
@@ -164,7 +164,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.
   else:
     initial_params = flax.core.unfreeze(initial_params)
     _check_params_match(initial_params, abstract.params, 'initial_params')
-    params = jax.tree_util.tree_map(lambda x, s, a: _place(x, s, a.dtype),
+    params = jax.tree_util.tree_map(lambda x, s, a: place(x, s, a.dtype),
                                     initial_params, shardings.params, abstract.params)
     state = jax.jit(from_params, in_shardings=(shardings.params,),
                     out_shardings=shardings)(params)

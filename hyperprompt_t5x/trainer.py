@@ -51,6 +51,7 @@ def train(*,
           weight_decay: float = 0.0,
           z_loss: float = 1e-4,
           label_smoothing: float = 0.0,
+          restore_optimizer_state: bool = True,
           num_partitions: int = 1,
           seed: int = 0,
           shuffle: bool = True,
@@ -63,7 +64,10 @@ def train(*,
   Args mirror T5X's macros: model_dir (MODEL_DIR), mixture_or_task_name
   (MIXTURE_OR_TASK_NAME), task_feature_lengths (TASK_FEATURE_LENGTHS), train_steps
   (TRAIN_STEPS: fine-tuning steps, counted from 0), batch_size (BATCH_SIZE, global),
-  initial_checkpoint_path (INITIAL_CHECKPOINT_PATH), save_period (SAVE_PERIOD),
+  initial_checkpoint_path (INITIAL_CHECKPOINT_PATH), restore_optimizer_state
+  (RESTORE_OPTIMIZER_STATE: with it, the Adafactor state and step the initial
+  checkpoint holds, as T5X fine-tunes; see run_setup.restore_optimizer_state),
+  save_period (SAVE_PERIOD),
   eval_period (EVAL_PERIOD; 0 = evaluate only at the end, None = never),
   num_partitions (NUM_PARTITIONS, the 'model' mesh axis). `config_str` is the
   operative gin config, saved as MODEL_DIR/config.gin. use_hardware_rng
@@ -82,7 +86,7 @@ def train(*,
   lengths = run_setup.validate_feature_lengths(task_feature_lengths)
   settings = run_setup.OptimizerSettings(
       optimizer, float(learning_rate), lr_schedule, warmup_steps, freeze,
-      float(weight_decay), float(z_loss), float(label_smoothing))
+      float(weight_decay), float(z_loss), float(label_smoothing), bool(restore_optimizer_state))
   t0 = time.perf_counter()
   previous_prng = jax.config.jax_default_prng_impl
   if use_hardware_rng:

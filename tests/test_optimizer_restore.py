@@ -120,3 +120,61 @@ def test_state_of_another_factoring_is_one_clear_error():
   state = tx.init(params)
   same, restored, _ = optim.restore_adafactor_state(state, 5, {'other/kernel': {'v': 1}})
   assert same is state and not restored
+
+
+# The real T5X checkpoint's shapes (DESIGN.md §2), as tests/test_trainer.py binds them.
+T5X_TINY = ['T5Config.vocab_size = 32128', 'T5Config.emb_dim = 8', 'T5Config.num_heads = 4',
+            'T5Config.head_dim = 3', 'T5Config.num_encoder_layers = 2',
+            'T5Config.num_decoder_layers = 2', 'T5Config.mlp_dim = 16']
+
+
+def _with_trained_state(src, dst, step):
+  """The real T5X checkpoint with its Adafactor state set to `step` and non-zero slots."""
+  raw = serialization.msgpack_restore(src.read_bytes())
+  state = raw['optimizer']['state']
+  state['step'] = np.int32(step)
+  rng = np.random.default_rng(0)
+  flat = checkpoints.flatten_params(state['param_states'])
+  for key, value in flat.items():
+    flat[key] = rng.uniform(0.5, 2.0, np.shape(value)).astype(np.float32)
+  state['param_states'] = checkpoints.unflatten_params(flat)
+  dst.mkdir()
+  (dst / 'checkpoint').write_bytes(serialization.msgpack_serialize(raw))
+  return flat
+
+
+def test_fine_tuning_start_restores_or_not_and_says_which(t5x_tiny_checkpoint, tmp_path, capsys):
+  from hyperprompt_t5x import gin_config, run_setup
+  gin_config.parse(['demo.gin'], macros=[('MODEL_DIR', '/tmp/unused')], bindings=T5X_TINY)
+  config = gin_config.model_config()
+  flat = _with_trained_state(t5x_tiny_checkpoint, tmp_path / 'checkpoint_1000', 1000)
+  path = str(tmp_path / 'checkpoint_1000')
+  run = run_setup.build_run(
+      model_dir=str(tmp_path / 'run'), config=config, mixture_or_task_name='hyperprompt_demo',
+      task_feature_lengths={'inputs': 8, 'targets': 2},
+      settings=run_setup.OptimizerSettings(optimizer='adafactor'), initial_checkpoint_path=path)
+  line = [l for l in capsys.readouterr().out.splitlines() if l.startswith('Optimizer state')]
+  n_backbone = len({k.rsplit('/', 1)[0] for k in flat})
+  n_conditioning = len(jax.tree_util.tree_leaves(run.state.params['task_conditioning']))
+  assert line == [f'Optimizer state: Adafactor state and step 1000 restored from {path} for '
+                  f'{n_backbone} parameters, fresh for {n_conditioning} (task conditioning); '
+                  'RESTORE_OPTIMIZER_STATE = False starts it fresh']
+  assert run.start_step == 0  # TRAIN_STEPS still counts fine-tuning steps from 0
+  restored = optim.find_adafactor_state(jax.device_get(run.state.opt_state))
+  assert int(restored.count) == 1000
+  slots = optim.flatten_t5x_param_states(restored)
+  name = 'encoder/layers_0/attention/query/kernel'
+  np.testing.assert_array_equal(slots[name]['v'], flat[f'{name}/v'])
+  assert not any(np.any(s['v']) for n, s in slots.items() if n.startswith('task_conditioning'))
+  # The switch, and a checkpoint without optimizer state: the optimizer starts fresh.
+  params_only = tmp_path / 'weights_only'
+  params_only.mkdir()
+  raw = serialization.msgpack_restore((tmp_path / 'checkpoint_1000' / 'checkpoint').read_bytes())
+  del raw['optimizer']['state']
+  (params_only / 'checkpoint').write_bytes(serialization.msgpack_serialize(raw))
+  for where, enabled, says in ((path, False, 'RESTORE_OPTIMIZER_STATE = False'),
+                               (str(params_only), True, 'holds no Adafactor state')):
+    same = run_setup.restore_optimizer_state(run.state, run.shardings, where, enabled)
+    assert same is run.state
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith('Optimizer state: fresh (') and says in out[0]
