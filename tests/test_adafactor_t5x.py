@@ -179,3 +179,11 @@ def test_without_parameter_scale_the_update_differs_from_t5x(t5x_run):
   theirs, _ = t5x_run[0]
   _, ulps = _max_diffs(ours, theirs, p0)
   assert ulps > 1e3
+
+
+def test_t5x_model_uses_the_same_factor_rules(t5x_run):
+  """T5X training (t5x_model) and the lean trainer factor every axis alike."""
+  from t5x import adafactor  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import t5x_model  # pylint: disable=g-import-not-at-top
+  ours = {k: adafactor.factor_name_to_factordim(v) for k, v in optim.LOGICAL_FACTOR_RULES.items()}
+  assert dict(t5x_model.logical_factor_rules()) == ours
