@@ -159,8 +159,10 @@ def build(cfg: BenchConfig):
   rules = partitioning.standard_logical_axis_rules()
   abstract_params = flax.core.unfreeze(
       model.init_abstract(1, cfg.inputs_len, cfg.targets_len)['params'])
-  optimizer = optim.make_optimizer(cfg.optimizer, schedule, params=abstract_params,
-                                   freeze=cfg.freeze, weight_decay=cfg.weight_decay)
+  optimizer = optim.make_optimizer(
+      cfg.optimizer, schedule, params=abstract_params, freeze=cfg.freeze,
+      param_axes=model.logical_axes(cfg.inputs_len, cfg.targets_len),
+      weight_decay=cfg.weight_decay)
   # Parameters are initialised from an 'unsafe_rbg' key: their values do not matter
   # here, and XLA:CPU compiles a threefry init of the whole tree several times slower
   # (59 s vs 11 s for 'tiny' on 2 loaded cores). Dropout keys use --prng_impl.
