@@ -2,8 +2,10 @@
 
 One module, `TaskConditioning`, named `task_conditioning` in the parameter
 tree, holds every conditioning parameter. It runs once per forward pass: it
-generates the prompts (or adapter weights) for all T tasks and M blocks, then
-gathers them by the batch's task ids. Nothing here depends on the examples.
+generates the prompts (or adapter weights) for all T tasks and M blocks; each
+layer then gathers its own by the batch's task ids (`layer_prompts`), so only
+one layer's per-example prompts exist at a time. Nothing here depends on the
+examples.
 
 Conditioned blocks (`prompt_blocks`), in this order: encoder self-attention
 layers (`prompt_encoder`), decoder self-attention layers (`prompt_decoder`),
@@ -38,7 +40,7 @@ stay in the encoder output that cross-attention reads.
 
 HyperFormer++ (Karimi Mahabadi et al. 2021) lives in hyperformer.py.
 """
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -111,7 +113,10 @@ class TaskConditioning(nn.Module):
 
   `__call__(task_ids)` returns a dict (keys present only where used):
     'encoder', 'decoder', 'cross': (prompt_key, prompt_value), each
-        [layers, batch, l, heads, head_dim] (HyperPrompt methods);
+        [layers, T, l, heads, head_dim] float32, per task (HyperPrompt
+        methods); each layer gathers its own by task id (`layer_prompts`), so
+        one layer's per-example prompts are live at a time, not
+        [layers, batch, l, heads·head_dim] for every block;
     'encoder_prefix': [batch, l, emb] (prompt tuning);
   """
   config: Any
@@ -204,10 +209,8 @@ class TaskConditioning(nn.Module):
                              up[:, 0] if shared else up)
       if cfg.hyper_bias:
         generated = generated + up_b[:, :, None, :]
-      # [M, T, l, d_kv] -> [M, batch, l, heads, head_dim]
-      generated = gather_tasks(generated, task_ids, axis=1)
-      generated = generated.reshape(generated.shape[:3] + (cfg.num_heads, cfg.head_dim))
-      out[name] = generated
+      # Per task, not per example: [M, T, l, d_kv] -> [M, T, l, heads, head_dim]
+      out[name] = generated.reshape(generated.shape[:3] + (cfg.num_heads, cfg.head_dim))
 
     result, start = {}, 0
     for kind in ('encoder', 'decoder', 'cross'):
@@ -245,3 +248,15 @@ def task_projector(joined: Array, t: int, use_bias: bool) -> Array:
   return Linear(t, use_bias, ('layer_task_hidden', 'layer_task'),
                 nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal'),
                 name='layer_task_out')(hidden)
+
+
+def layer_prompts(prompts: Optional[Tuple[Array, Array]], task_ids: Array, dtype
+                  ) -> Tuple[Optional[Array], Optional[Array]]:
+  """One layer's (key, value) prompts [T, l, heads, kv] -> per example [batch, l, heads, kv].
+
+  Gathered in float32, then cast to the compute dtype: the gather's gradient
+  (a sum over the examples of each task) accumulates in float32.
+  """
+  if prompts is None:
+    return None, None
+  return tuple(jnp.asarray(gather_tasks(p, task_ids, axis=0), dtype) for p in prompts)

@@ -1,8 +1,9 @@
 """Greedy decoding with the key/value cache, and teacher-forced logits.
 
 The conditioning (prompts / adapter weights) is computed once per call and
-reused by every decoding step; the cache holds only the real decoder tokens
-(prompt keys/values are concatenated inside attention after each update).
+reused by every decoding step; the cache of each prompted self-attention holds
+the prompt keys/values in its first l columns (written when the cache is
+created) followed by the decoder tokens.
 """
 import functools
 from typing import Any, Optional
@@ -41,20 +42,20 @@ def teacher_forced_logits(config: network.T5Config, params, encoder_input_tokens
 
 def init_cache(config: network.T5Config, params, encoded, encoder_input_tokens, task_ids,
                max_decode_length: int, conditioning=None):
-  """Zeroed 'cache' collection for `max_decode_length` steps (shapes via eval_shape)."""
+  """The 'cache' collection for `max_decode_length` steps (T5X protocol).
+
+  Created by one decode=True call on full-length dummy decoder inputs: the
+  cache is zeros except the prompt columns and `cache_index` (= l where
+  prompted). Under jit XLA keeps only what the cache needs of that call.
+  """
   model = network.Transformer(config)
   batch = encoder_input_tokens.shape[0]
   dummy = jnp.ones((batch, max_decode_length), jnp.int32)
-
-  def run():
-    _, variables = model.apply(
-        {'params': params}, encoded, encoder_input_tokens, dummy, dummy, task_ids,
-        enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-        conditioning=conditioning, mutable=['cache'], method=model.decode)
-    return variables['cache']
-
-  shapes = jax.eval_shape(run)
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  _, variables = model.apply(
+      {'params': params}, encoded, encoder_input_tokens, dummy, dummy, task_ids,
+      enable_dropout=False, decode=True, max_decode_length=max_decode_length,
+      conditioning=conditioning, mutable=['cache'], method=model.decode)
+  return variables['cache']
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 6))

@@ -9,8 +9,9 @@ time).
 
 The one addition is `MultiHeadDotProductAttention(..., prompt_key=,
 prompt_value=)`: hyper-prompts `[batch, l, heads, head_dim]` are prepended to
-the keys and values after projection (and after the decoding-cache update).
-Their columns get zero relative-position bias and are never masked.
+the keys and values after projection (in cached decoding they are the first
+l columns of the cache, written once). Their columns get zero
+relative-position bias and are never masked.
 """
 import functools
 from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
@@ -287,12 +288,13 @@ def dot_product_attention(query: Array, key: Array, value: Array,
     raise ValueError(f'attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}')
   use_dropout = not deterministic and dropout_rate > 0.
   if impl != 'xla' and not use_dropout:
-    if impl == 'cudnn':
-      compute_dtype = query.dtype  # cuDNN accumulates logits in float32 itself.
-    else:
-      compute_dtype = jnp.float32 if float32_logits else query.dtype
-    q, k, v = (jnp.asarray(t, compute_dtype) for t in (query, key, value))
-    b = None if bias is None else jnp.asarray(bias, compute_dtype)
+    # q, k, v stay in their (compute) dtype: jax.nn.dot_product_attention computes
+    # bf16 x bf16 -> float32 logits and a float32 softmax itself, as the 'xla' path
+    # below; float32 copies would only halve the matmul rate. The bias is float32
+    # with float32_logits (added to the float32 logits); cuDNN wants the operand dtype.
+    q, k, v = (jnp.asarray(t, query.dtype) for t in (query, key, value))
+    bias_dtype = jnp.float32 if float32_logits and impl != 'cudnn' else query.dtype
+    b = None if bias is None else jnp.asarray(bias, bias_dtype)
     out = jax.nn.dot_product_attention(
         q, k, v, bias=b, scale=1.0,
         implementation='cudnn' if impl == 'cudnn' else None)
@@ -342,9 +344,11 @@ class MultiHeadDotProductAttention(nn.Module):
 
     mask [batch, 1, q, k] (1 = attend); bias [1|batch, heads, q, k];
     prompt_key/prompt_value [batch, l, heads, head_dim] prepended to keys/values.
-    With decode=True the 'cache' collection holds the real keys/values only
-    (T5X protocol: a first call on full-length inputs creates it, later calls
-    take one position each); prompts are concatenated after the cache update.
+    With decode=True (T5X protocol: a first call on full-length inputs creates
+    the 'cache' collection, later calls take one position each) the cache holds
+    the prompt keys/values in its first l columns, written at creation, and
+    `cache_index` starts at l; later calls ignore the prompts' values. So the
+    cache must come from that first call (not be zero-filled from shapes).
     """
     if (prompt_key is None) != (prompt_value is None):
       raise ValueError('prompt_key and prompt_value must be given together')
@@ -362,36 +366,49 @@ class MultiHeadDotProductAttention(nn.Module):
     key = nn.with_logical_constraint(key, axes)
     value = nn.with_logical_constraint(value, axes)
 
+    prompt_len = 0 if prompt_key is None else prompt_key.shape[1]
+    prompts_in_cache = False
     if decode:
       is_initialized = self.has_variable('cache', 'cached_key')
-      # Cache layout [batch, max_length, heads, kv].
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape,
-                                   value.dtype)
+      # Cache layout [batch, l + max_length, heads, kv]: the prompt columns are
+      # written once when the cache is created, and the index starts after them,
+      # so a step never copies the cache to prepend the prompts.
+      def initial(x, prompt):
+        zeros = jnp.zeros(x.shape, x.dtype)
+        if prompt is None:
+          return zeros
+        # [batch, l, heads, kv] ; [batch, max_len, heads, kv] -> [batch, l + max_len, heads, kv]
+        return jnp.concatenate([jnp.asarray(prompt, x.dtype), zeros], axis=1)
+      cached_key = self.variable('cache', 'cached_key', initial, key, prompt_key)
+      cached_value = self.variable('cache', 'cached_value', initial, value, prompt_value)
       cache_index = self.variable('cache', 'cache_index',
-                                  lambda: jnp.array(0, dtype=jnp.int32))
+                                  lambda: jnp.array(prompt_len, dtype=jnp.int32))
       if is_initialized:
         batch, length, _, _ = cached_key.value.shape
         if query.shape[1] != 1:
           raise ValueError(
               f'cached decoding takes one position per step, got length {query.shape[1]}')
         cur_index = cache_index.value
-        # [batch, 1, heads, kv] written at position cur_index of [batch, max_len, heads, kv]
+        # [batch, 1, heads, kv] written at position cur_index of the cache.
         key = lax.dynamic_update_slice(cached_key.value, key, (0, cur_index, 0, 0))
         value = lax.dynamic_update_slice(cached_value.value, value, (0, cur_index, 0, 0))
         cached_key.value = key
         cached_value.value = value
         cache_index.value = cur_index + 1
-        # Only positions <= cur_index are filled: [batch, 1, 1, max_len].
+        # Only positions <= cur_index are filled (the prompt columns always are):
+        # [batch, 1, 1, l + max_len].
         step_mask = jnp.broadcast_to(
             jnp.arange(length) <= cur_index, (batch, 1, 1, length))
         mask = combine_masks(mask, step_mask)
         if bias is not None:
-          # [1, heads, max_len, max_len] -> [1, heads, 1, max_len] (row cur_index)
-          bias = lax.dynamic_slice_in_dim(bias, cur_index, 1, axis=-2)
+          # [1, heads, max_len, max_len] -> [1, heads, 1, max_len] (this step's row)
+          bias = lax.dynamic_slice_in_dim(bias, cur_index - prompt_len, 1, axis=-2)
+          if prompt_len:
+            # [1, heads, 1, max_len] -> [1, heads, 1, l + max_len]
+            _, bias = _prepend_prompt_columns(None, bias, prompt_len)
+        prompts_in_cache = True
 
-    if prompt_key is not None:
-      prompt_len = prompt_key.shape[1]
+    if prompt_key is not None and not prompts_in_cache:
       # [batch, l, heads, kv] ; [batch, k, heads, kv] -> [batch, l + k, heads, kv]
       key = jnp.concatenate([jnp.asarray(prompt_key, key.dtype), key], axis=1)
       value = jnp.concatenate([jnp.asarray(prompt_value, value.dtype), value], axis=1)

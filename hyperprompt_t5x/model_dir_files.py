@@ -17,7 +17,8 @@ from hyperprompt_t5x.metrics_logging import is_chief, log
 CONFIG_FILE = 'config.gin'
 MODEL_CONFIG_FILE = 'model_config.json'
 # Fields that change how a model runs, not what it computes: they may differ on resume.
-_RUNTIME_FIELDS = ('dropout_rate', 'dtype', 'remat_policy', 'attention_impl')
+_RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'dtype', 'remat_policy',
+                   'attention_impl')
 
 
 def config_dict(config) -> dict:

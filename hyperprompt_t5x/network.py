@@ -61,11 +61,14 @@ class T5Config:
   bottleneck b=32, task_embed_dim t'=32, layer_task_dim t=32; prompts on
   every encoder and decoder self-attention, not on cross-attention; no
   biases in h, H, D, U; HyperFormer++ adapter_dim 64.
-  `dropout_rate` also drives attention-weight and MLP dropout, as in T5X.
+  `dropout_rate` drives embedding, residual and MLP dropout, and also the
+  attention-weight dropout unless `attention_dropout_rate` is set (None, the
+  default, means dropout_rate: T5X's behaviour).
   attention_impl 'dot_product_attention' / 'cudnn' (jax.nn.dot_product_attention)
-  has no attention-weight dropout: while it is active (training with
-  dropout_rate > 0) attention falls back to 'xla'; set dropout_rate=0 (common
-  for fine-tuning) to use them in training.
+  has no attention-weight dropout: while that dropout is active (training with
+  an attention dropout > 0) attention falls back to 'xla'. Set
+  attention_dropout_rate=0 to train with the fused attention while keeping
+  dropout_rate (e.g. 0.1) everywhere else.
   """
   vocab_size: int = 32128
   dtype: Any = jnp.bfloat16
@@ -77,6 +80,7 @@ class T5Config:
   mlp_dim: int = 2048
   mlp_activations: Sequence[str] = ('gelu', 'linear')
   dropout_rate: float = 0.1
+  attention_dropout_rate: Optional[float] = None  # None: dropout_rate (as T5X)
   logits_via_embedding: bool = False
   float32_attention_logits: bool = True
   # Task conditioning.
@@ -118,6 +122,9 @@ class T5Config:
                          f'(method={self.method!r})')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'T5Config.dropout_rate={self.dropout_rate!r} must be in [0, 1)')
+    if self.attention_dropout_rate is not None and not 0.0 <= self.attention_dropout_rate < 1.0:
+      raise ValueError(f'T5Config.attention_dropout_rate={self.attention_dropout_rate!r} must '
+                       'be None (= dropout_rate) or in [0, 1)')
     if not self.mlp_activations:
       raise ValueError('T5Config.mlp_activations must name at least one activation')
     if (self.method in cond_lib.HYPERPROMPT_METHODS and not
@@ -136,6 +143,11 @@ class T5Config:
     if size not in _SIZES:
       raise ValueError(f'unknown T5 size {size!r}; expected one of {SIZES}')
     return cls(**{**_SIZES[size], **overrides})
+
+  @property
+  def attention_dropout(self) -> float:
+    """The attention-weight dropout rate in effect."""
+    return self.dropout_rate if self.attention_dropout_rate is None else self.attention_dropout_rate
 
   @property
   def conditioned(self) -> bool:
@@ -203,7 +215,7 @@ def _residual(cfg: T5Config, inputs, norm_name: str, sublayer, *, deterministic:
 def _attention(cfg: T5Config, name: str) -> layers.MultiHeadDotProductAttention:
   return layers.MultiHeadDotProductAttention(
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
-      dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
+      dropout_rate=cfg.attention_dropout, float32_logits=cfg.float32_attention_logits,
       attention_impl=cfg.attention_impl, name=name)
 
 
@@ -222,7 +234,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, inputs, encoder_mask, encoder_bias, prompts, adapters, task_ids,
                deterministic: bool = False):
     cfg = self.config
-    pk, pv = prompts if prompts is not None else (None, None)
+    # [T, l, heads, kv] -> [batch, l, heads, kv]
+    pk, pv = cond_lib.layer_prompts(prompts, task_ids, cfg.dtype)
     common = dict(deterministic=deterministic, adapters=adapters, task_ids=task_ids)
     x = _residual(cfg, inputs, 'pre_attention_layer_norm', lambda h: _attention(
         cfg, 'attention')(h, h, encoder_mask, encoder_bias, prompt_key=pk, prompt_value=pv,
@@ -240,8 +253,9 @@ class DecoderLayer(nn.Module):
                self_prompts, cross_prompts, adapters, task_ids, deterministic: bool = False,
                decode: bool = False):
     cfg = self.config
-    pk, pv = self_prompts if self_prompts is not None else (None, None)
-    ck, cv = cross_prompts if cross_prompts is not None else (None, None)
+    # [T, l, heads, kv] -> [batch, l, heads, kv]
+    pk, pv = cond_lib.layer_prompts(self_prompts, task_ids, cfg.dtype)
+    ck, cv = cond_lib.layer_prompts(cross_prompts, task_ids, cfg.dtype)
     common = dict(deterministic=deterministic, adapters=adapters, task_ids=task_ids)
     x = _residual(cfg, inputs, 'pre_self_attention_layer_norm', lambda h: _attention(
         cfg, 'self_attention')(h, h, decoder_mask, decoder_bias, prompt_key=pk,

@@ -39,8 +39,8 @@ from hyperprompt_t5x import partitioning
 from hyperprompt_t5x.checkpoints import CheckpointError
 
 # T5Config fields that do not change the parameters (excluded from fingerprints).
-RUNTIME_CONFIG_FIELDS = ('dtype', 'dropout_rate', 'attention_impl', 'remat_policy',
-                         'embedding_lookup')
+RUNTIME_CONFIG_FIELDS = ('dtype', 'dropout_rate', 'attention_dropout_rate', 'attention_impl',
+                         'remat_policy', 'embedding_lookup')
 
 
 class TrainState(flax.struct.PyTreeNode):

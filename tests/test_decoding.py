@@ -93,3 +93,22 @@ def test_greedy_rejects_bad_task_ids():
   enc, _ = _inputs()
   with pytest.raises(ValueError, match=r'bad ids \[3\].*|num_tasks=3'):
     decoding.greedy_decode(cfg, params, enc, jnp.array([0, 3, 1]), MAX_LEN)
+
+
+def test_cache_holds_the_prompt_columns_once():
+  """Prompted self-attention cache: [batch, l + max_len, heads, kv], prompts first, index l."""
+  cfg = CASES['global']
+  params = network.random_params(cfg, seed=1)
+  enc, task_ids = _inputs()
+  model = network.Transformer(cfg)
+  cond = model.apply({'params': params}, task_ids, 3, method=model.compute_conditioning)
+  encoded = model.apply({'params': params}, enc, task_ids, enable_dropout=False,
+                        conditioning=cond, method=model.encode)
+  cache = decoding.init_cache(cfg, params, encoded, enc, task_ids, MAX_LEN, cond)
+  attn = cache['decoder']['layers_0']['self_attention']
+  l, (pk, pv) = cfg.prompt_length, cond['decoder']
+  assert attn['cached_key'].shape == (3, l + MAX_LEN, cfg.num_heads, cfg.head_dim)
+  assert int(attn['cache_index']) == l
+  np.testing.assert_array_equal(attn['cached_key'][:, :l], pk[0][task_ids])
+  np.testing.assert_array_equal(attn['cached_value'][:, :l], pv[0][task_ids])
+  assert not np.asarray(attn['cached_key'][:, l:]).any()
