@@ -160,8 +160,8 @@ def restore_optimizer_state(state, shardings, path: str, enabled: bool):
   opt_state, restored, fresh = optim.restore_adafactor_state(
       state.opt_state, saved.step, saved.param_states, source=path)
   if not restored:
-    log(f'Optimizer state: fresh (none of the parameters that train has Adafactor state '
-        f'in {path})')
+    log(f'Optimizer state: fresh ({path} holds Adafactor state for none of the backbone '
+        'parameters that train)')
     return state
   # Restored slots are host arrays: place them as the fresh state's leaves are.
   opt_state = jax.tree_util.tree_map(
