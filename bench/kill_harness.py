@@ -40,12 +40,12 @@ TMP_MARK = '.orbax-checkpoint-tmp'
 FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 
-def demo_args(model_dir, *extra, steps: int, save: int, eval_period=None) -> list:
-  """`train` on the demo's model and data (the CLI's argv)."""
+def demo_args(model_dir, *extra, steps: int = 2, save: int = 2, eval_period=None) -> list:
+  """`train` on the demo's model and data, logging every step (the CLI's argv)."""
   return ['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
           f'--gin.TRAIN_STEPS={steps}', f'--gin.SAVE_PERIOD={save}',
           f'--gin.EVAL_PERIOD={eval_period}', '--gin.LOG_PERIOD=1', '--gin.XLA_FLAGS=None',
-          '--gin.KEEP_CHECKPOINTS=None', *extra]
+          *extra]
 
 
 def subprocess_env(cache_dir) -> dict:
@@ -62,6 +62,7 @@ class Attempt:
   def __init__(self, args: list, model_dir, env: dict):
     self.model_dir = pathlib.Path(model_dir)
     self.started = time.monotonic()
+    self.wall_start = time.time()
     self.lines: List[str] = []
     self.proc = subprocess.Popen([sys.executable, '-m', 'hyperprompt_t5x.cli', *args],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -74,8 +75,10 @@ class Attempt:
       self.lines.append(line.rstrip('\n'))
 
   def writing_checkpoint(self) -> bool:
+    """Whether orbax's temporary folder of a save begun by this process is there."""
     try:
-      return any(TMP_MARK in name for name in os.listdir(self.model_dir))
+      names = [n for n in os.listdir(self.model_dir) if TMP_MARK in n]
+      return any(os.stat(self.model_dir / n).st_ctime >= self.wall_start for n in names)
     except FileNotFoundError:
       return False
 
@@ -209,14 +212,15 @@ def run_harness(work: pathlib.Path, *, kills: int, steps: int, save_period: int,
   rng = random.Random(seed)
   t0 = time.monotonic()
   reference = work / 'reference'
-  ref = Attempt(demo_args(reference, steps=steps, save=save_period, eval_period=eval_period),
-                reference, env)
+  keep = '--gin.KEEP_CHECKPOINTS=None'
+  ref = Attempt(demo_args(reference, keep, steps=steps, save=save_period,
+                          eval_period=eval_period), reference, env)
   if ref.finish(timeout=1800) != 0:
     raise RuntimeError(f'the reference run failed:\n{ref.output()}')
   reference_seconds = time.monotonic() - t0
   log(f'reference run: {steps} steps in {reference_seconds:.0f} s')
   model_dir = work / 'killed'
-  args = demo_args(model_dir, steps=steps, save=save_period, eval_period=eval_period)
+  args = demo_args(model_dir, keep, steps=steps, save=save_period, eval_period=eval_period)
   table, attempts = [], 0
   kinds = ['start-up', 'step', 'checkpoint write']
   while len(table) < kills:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 from hyperprompt_t5x import divergence
+from hyperprompt_t5x.metrics_logging import log
 
 
 class CheckpointSaver:
@@ -32,3 +35,27 @@ class CheckpointSaver:
     """Blocks until asynchronous saves are on disk."""
     if hasattr(self.store, 'wait'):
       self.store.wait()
+
+
+def set_aside(store, step: int, error: Exception) -> None:
+  """Moves the damaged checkpoint_<step> to MODEL_DIR/damaged/ and says so (never deletes).
+
+  Single-process runs only: with several processes each would have to see the
+  damage; they stop with the error instead.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise error
+  moved = store.move_aside(step)
+  log(f'{error}. Moved it to {moved}; resuming from the newest usable checkpoint.')
+
+
+def eval_missing(logger, evaluator, start: int, eval_period, train_steps: int) -> bool:
+  """Whether the eval due at `start` is not in metrics.jsonl (a kill after its save)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  due = start > 0 and ((eval_period and start % eval_period == 0) or start == train_steps)
+  missing = bool(due) and not logger.logged(start, (evaluator.split,))
+  if jax.process_count() > 1:  # only the chief reads metrics.jsonl; all must agree
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing

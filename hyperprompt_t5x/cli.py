@@ -137,22 +137,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # unretrieved asyncio task errors would repeat it as tracebacks.
   logging.getLogger('asyncio').setLevel(logging.CRITICAL)
   from hyperprompt_t5x import divergence  # pylint: disable=g-import-not-at-top
-  known = (ValueError, FileNotFoundError, FileExistsError, divergence.TrainingDivergedError)
+  from hyperprompt_t5x import model_dir_lock, preemption  # pylint: disable=g-import-not-at-top
+  known = (ValueError, FileNotFoundError, FileExistsError, divergence.TrainingDivergedError,
+           model_dir_lock.ModelDirLockedError)
   try:
     return run(argv)
+  except preemption.TrainingInterrupted as e:  # SIGTERM / SIGINT: saved; one line
+    print(_message(e), file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt:  # Ctrl-C outside the train loop (set-up, eval, infer)
+    print('interrupted; nothing was half-written: rerun the same command to resume '
+          '(training continues from the newest checkpoint)', file=sys.stderr)
+    return 130
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, known) and not _is_tensorflow_io_error(e):
       raise
     if os.environ.get('HYPERPROMPT_TRACEBACK'):
       raise
     kind = 'training diverged' if isinstance(e, divergence.TrainingDivergedError) else 'error'
-    message = str(e).strip()
+    message = _message(e)
     if _is_tensorflow_io_error(e):  # e.g. gs:// unreachable: vocabulary, TFDS, checkpoint
       message = ' '.join(message.split()) + (
           ' (offline? set HYPERPROMPT_VOCABULARY, HYPERPROMPT_GLUE_DIR / '
           'HYPERPROMPT_SUPER_GLUE_DIR and --gin.INITIAL_CHECKPOINT_PATH to local paths)')
     print(f'{kind}: {message}', file=sys.stderr)
     return 2
+
+
+def _message(e: BaseException) -> str:
+  """The error's message without the line gin adds ("In call to configurable ...")."""
+  return '\n'.join(line for line in str(e).strip().splitlines()
+                   if not line.strip().startswith('In call to configurable')).strip()
 
 
 def _is_tensorflow_io_error(e: BaseException) -> bool:

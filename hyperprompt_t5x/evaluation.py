@@ -45,13 +45,19 @@ class Decoder:
                        f'{jax.process_count()} processes')
     self.batch_size = batch_size
     self.mesh = run.mesh
+    self.num_tasks = run.config.num_tasks
     self._fn = train_state.make_predict_fn(run.model, run.mesh, run.shardings,
                                            max_decode_length=max_decode_length)
 
   def __call__(self, params, encoder_input_tokens: np.ndarray,
                task_ids: np.ndarray) -> np.ndarray:
-    """[n, inputs_len] tokens (n <= batch_size) -> [n, max_decode_length] tokens."""
-    from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
+    """[n, inputs_len] tokens (n <= batch_size) -> [n, max_decode_length] tokens.
+
+    A task id outside [0, num_tasks) is refused here: inside the compiled
+    program it would gather NaN conditioning (network.check_task_ids).
+    """
+    from hyperprompt_t5x import network, partitioning  # pylint: disable=g-import-not-at-top
+    network.check_task_ids(task_ids, self.num_tasks)
     n = encoder_input_tokens.shape[0]
     batch = {'encoder_input_tokens': _pad_rows(np.asarray(encoder_input_tokens, np.int32),
                                                self.batch_size),

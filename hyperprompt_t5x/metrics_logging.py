@@ -112,6 +112,10 @@ class MetricsLogger:
       self._writer.write_scalars(int(step), scalars)
       self._writer.flush()
 
+  def logged(self, step: int, kind: tuple = ()) -> bool:
+    """Whether metrics.jsonl has a record of `kind` (see `record_kind`) for `step`."""
+    return (int(step), tuple(kind)) in self._logged
+
   def progress(self, step: int, total: int, loss: float, lr: float, steps_per_sec: float,
                tokens_per_sec: float) -> None:
     """One line: step, loss, learning rate, steps/s, tokens/s, ETA."""

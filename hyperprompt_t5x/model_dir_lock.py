@@ -86,6 +86,7 @@ class ModelDirLock:
     self.path = os.path.join(self.model_dir, LOCK_FILE)
     self._log = log
     self._held = False
+    self._acquired = False
     self._created_dir = False
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
@@ -94,6 +95,7 @@ class ModelDirLock:
 
   def acquire(self) -> None:
     """Takes the lock or raises ModelDirLockedError naming the live holder."""
+    self._acquired = True
     if '://' in self.model_dir:
       self._log(f'note: MODEL_DIR {self.model_dir} is not locked against a second writer '
                 '(remote filesystem)')
@@ -114,6 +116,7 @@ class ModelDirLock:
       reason = stale_reason(holder, age)
       if reason is None:
         self._release_dir()
+        self._acquired = False
         raise ModelDirLockedError(
             f'MODEL_DIR {self.model_dir} is being written by another run ({describe(holder)}); '
             f'wait for it to finish or stop it, or use another MODEL_DIR. Lock file: {self.path}')
@@ -175,7 +178,8 @@ class ModelDirLock:
       self._created_dir = False
 
   def __enter__(self):
-    self.acquire()
+    if not self._acquired:  # `hold()` returns it acquired
+      self.acquire()
     return self
 
   def __exit__(self, *exc):

@@ -481,22 +481,11 @@ class CheckpointStore:
           f'({checkpoint_health.first_line(e)})') from e
     return state, dict(extra)
 
-  def restore_newest_usable(self, target, log) -> Optional[Tuple[int, TrainState, dict]]:
-    """(step, state, extra) of the newest checkpoint that restores, or None if none is left.
+  def move_aside(self, step: int) -> pathlib.Path:
+    """Moves checkpoint_<step> to MODEL_DIR/damaged/ (see checkpoint_health.move_aside).
 
-    A damaged one (CheckpointCorruptError) is moved to MODEL_DIR/damaged/ with
-    one `log` line naming it and why; a checkpoint of another model still raises.
-    Call only while holding MODEL_DIR (model_dir_lock): this moves files.
+    Only for the process that holds MODEL_DIR (model_dir_lock.py).
     """
-    for step in reversed(self.all_steps()):
-      try:
-        state, extra = self.restore(step, target)
-      except CheckpointCorruptError as e:
-        if jax.process_count() > 1:
-          raise  # every process would have to agree on the move; leave it to the user
-        moved = checkpoint_health.move_aside(self.step_dir(step))
-        self._manager.reload()
-        log(f'{e}. Moved it to {moved}; trying the previous checkpoint.')
-        continue
-      return step, state, extra
-    return None
+    moved = checkpoint_health.move_aside(self.step_dir(step))
+    self._manager.reload()
+    return moved

@@ -11,9 +11,18 @@ One call to `train`
      `eval_period` steps and at the end every task is evaluated (evaluation.py).
 
 Everything is checked before anything is written to `model_dir`: a bad config or
-checkpoint fails with one error and leaves the directory as it was. A non-finite
-loss stops the run with `divergence.TrainingDivergedError` before anything
-non-finite is saved.
+a checkpoint of another model fails with one error and leaves the directory as it
+was. A non-finite loss stops the run with `divergence.TrainingDivergedError`
+before anything non-finite is saved. What a run survives:
+  * a second `train` on the same MODEL_DIR is refused (model_dir_lock.py);
+  * SIGTERM / SIGINT: the step in progress finishes, is saved, and the run stops
+    with `preemption.TrainingInterrupted` (preemption.py);
+  * a kill at any moment: the rerun resumes from the newest checkpoint
+    bit-identically (checkpoints commit atomically; metrics.jsonl keeps each step
+    once; an eval cut off after its checkpoint is redone);
+  * a damaged newest checkpoint: moved to MODEL_DIR/damaged/, the previous one
+    resumes (checkpoint_saving.set_aside);
+  * a failed save (full disk): one line, the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from typing import Mapping, Optional
 import jax
 
 from hyperprompt_t5x import checkpoint_saving, divergence, metrics_logging, model_dir_files
-from hyperprompt_t5x import run_setup, step_compilation, train_data
+from hyperprompt_t5x import model_dir_lock, preemption, run_setup, step_compilation, train_data
 from hyperprompt_t5x.metrics_logging import is_chief, log
 
 
@@ -130,26 +139,42 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
   return run, inputs, step_fn
 
 
-def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_size,
-           initial_checkpoint_path, save_period, keep_checkpoints, eval_period, eval_split,
-           eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle,
-           tensorboard, config_str, lengths, settings, t0, **unused) -> dict:
-  """The body of `train` (arguments validated)."""
-  from hyperprompt_t5x import evaluation, network, partitioning, train_state  # pylint: disable=g-import-not-at-top
+def _train(*, model_dir, model_config, mixture_or_task_name, **kwargs) -> dict:
+  """Checks the mixture, then trains while holding MODEL_DIR (model_dir_lock.py)."""
+  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.maybe_initialize_distributed()
   run_setup.mixture_tasks(mixture_or_task_name, model_config)
+  with model_dir_lock.hold(model_dir, log):
+    return _train_holding_model_dir(model_dir=model_dir, model_config=model_config,
+                                    mixture_or_task_name=mixture_or_task_name, **kwargs)
+
+
+def _train_holding_model_dir(
+    *, model_dir, model_config, mixture_or_task_name, train_steps, batch_size,
+    initial_checkpoint_path, save_period, keep_checkpoints, eval_period, eval_split,
+    eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle,
+    tensorboard, config_str, lengths, settings, t0, **unused) -> dict:
+  """The body of `train` (arguments validated, MODEL_DIR held)."""
+  from hyperprompt_t5x import evaluation, network, partitioning, train_state  # pylint: disable=g-import-not-at-top
   store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
-  resume_step = store.latest_step()
   eval_batch_size = eval_batch_size or batch_size
   rng = jax.random.PRNGKey(seed)  # dropout key: fold_in(rng, step) inside the step
-  run, inputs, step_fn = _set_up(
-      model_dir=model_dir, model_config=model_config,
-      mixture_or_task_name=mixture_or_task_name, lengths=lengths, settings=settings,
-      store=store, resume_step=resume_step, batch_size=batch_size, seed=seed,
-      shuffle=shuffle, num_partitions=num_partitions,
-      initial_checkpoint_path=initial_checkpoint_path,
-      eval_split=eval_split if eval_period is not None else None,
-      eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, rng=rng)
+  while True:  # until the newest checkpoint restores (damaged ones are moved aside)
+    resume_step = store.latest_step()
+    try:
+      run, inputs, step_fn = _set_up(
+          model_dir=model_dir, model_config=model_config,
+          mixture_or_task_name=mixture_or_task_name, lengths=lengths, settings=settings,
+          store=store, resume_step=resume_step, batch_size=batch_size, seed=seed,
+          shuffle=shuffle, num_partitions=num_partitions,
+          initial_checkpoint_path=initial_checkpoint_path,
+          eval_split=eval_split if eval_period is not None else None,
+          eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, rng=rng)
+      break
+    except train_state.CheckpointCorruptError as e:
+      if resume_step is None:
+        raise
+      checkpoint_saving.set_aside(store, resume_step, e)
   start = run.start_step
   log(f'Starting at step {start} from {run.restored_from}')
   evaluator = None
@@ -168,34 +193,41 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, batch_
       tokens_per_step=batch_size * (lengths['inputs'] + lengths['targets']))
   state = run.state
   seconds_to_first_step = None
-  try:
-    for step in range(start, train_steps):
-      batch = next(inputs.batches)
-      network.check_task_ids(batch['task_ids'], model_config.num_tasks)
-      state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
-      pending.add(step, metrics)
-      done = step + 1
-      if seconds_to_first_step is None:
-        jax.block_until_ready(metrics)
-        seconds_to_first_step = time.perf_counter() - t0
-      is_last = done == train_steps
-      save_now = done % save_period == 0 or is_last
-      eval_now = evaluator is not None and ((eval_period and done % eval_period == 0)
-                                            or is_last)
-      if done % log_period == 0 or save_now or is_last or (
-          eval_period and done % eval_period == 0):
-        fetched = pending.fetch()
-        divergence.check_losses(fetched, saver.last_good, model_dir)
-        train_log.record(done, fetched)
-      if save_now:
-        saver.save(done, state)
-      if eval_now:
-        evaluator.run(state.params, done, logger)
-    if start >= train_steps:
-      log(f'Nothing to do: MODEL_DIR is already at step {start} >= TRAIN_STEPS {train_steps}')
-  finally:
-    saver.wait()
-    logger.close()
+  if evaluator is not None and checkpoint_saving.eval_missing(
+      logger, evaluator, start, eval_period, train_steps):
+    evaluator.run(state.params, start, logger)  # killed after the save, before this eval
+  with preemption.StopRequest() as stop:
+    try:
+      for step in range(start, train_steps):
+        batch = next(inputs.batches)
+        network.check_task_ids(batch['task_ids'], model_config.num_tasks)
+        state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
+        pending.add(step, metrics)
+        done = step + 1
+        if seconds_to_first_step is None:
+          jax.block_until_ready(metrics)
+          seconds_to_first_step = time.perf_counter() - t0
+        is_last = done == train_steps
+        signum = stop.requested()  # SIGTERM / SIGINT: this step is finished; save it, stop
+        save_now = done % save_period == 0 or is_last or bool(signum)
+        eval_now = evaluator is not None and ((eval_period and done % eval_period == 0)
+                                              or is_last)
+        if done % log_period == 0 or save_now or is_last or (
+            eval_period and done % eval_period == 0):
+          fetched = pending.fetch()
+          divergence.check_losses(fetched, saver.last_good, model_dir)
+          train_log.record(done, fetched)
+        if save_now:
+          saver.save(done, state)
+        if eval_now:
+          evaluator.run(state.params, done, logger)
+        if signum:
+          raise preemption.TrainingInterrupted(signum, done)
+      if start >= train_steps:
+        log(f'Nothing to do: MODEL_DIR is already at step {start} >= TRAIN_STEPS {train_steps}')
+    finally:
+      saver.wait()
+      logger.close()
   summary = {'model_dir': model_dir, 'start_step': start,
              'final_step': max(start, train_steps),
              'seconds': time.perf_counter() - t0,

@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -280,7 +279,7 @@ def _target_of(trained):
   return train_state.abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
 
 
-def test_damaged_newest_is_moved_aside_and_the_previous_restored(trained, tmp_path):
+def test_damaged_checkpoint_is_named_and_moved_aside_whole(trained, tmp_path):
   state, _ = trained
   store = train_state.CheckpointStore(tmp_path)
   store.save(1, state, {'data_batches': 1})
@@ -288,24 +287,23 @@ def test_damaged_newest_is_moved_aside_and_the_previous_restored(trained, tmp_pa
   victim = max((f for f in (tmp_path / 'checkpoint_2').rglob('*') if f.is_file()),
                key=lambda f: f.stat().st_size)
   name = str(victim.relative_to(tmp_path / 'checkpoint_2'))
+  size = victim.stat().st_size
   victim.write_bytes(victim.read_bytes()[:100])
   damaged_files = _dir_digest(tmp_path / 'checkpoint_2')
-  logs = []
-  step, _, extra = store.restore_newest_usable(_target_of(trained), logs.append)
-  assert (step, extra['data_batches']) == (1, 1)
-  assert len(logs) == 1, logs
-  assert f'checkpoint {tmp_path / "checkpoint_2"} is damaged: file {name} is truncated' in logs[0]
-  assert str(tmp_path / 'damaged' / 'checkpoint_2') in logs[0]
+  with pytest.raises(train_state.CheckpointCorruptError) as e:
+    store.restore(2, _target_of(trained))
+  assert str(e.value) == (f'checkpoint {tmp_path / "checkpoint_2"} is damaged: file {name} '
+                          f'is truncated (100 of {size} bytes)')
+  assert store.move_aside(2) == tmp_path / 'damaged' / 'checkpoint_2'
   assert _dir_digest(tmp_path / 'damaged' / 'checkpoint_2') == damaged_files  # moved, not lost
   assert store.all_steps() == [1]
+  _, extra = store.restore(1, _target_of(trained))
+  assert extra['data_batches'] == 1
   store.save(2, state, {'data_batches': 2})  # the resumed run writes step 2 again
-  (tmp_path / 'checkpoint_1' / 'extra' / 'metadata').unlink()
-  shutil.rmtree(tmp_path / 'checkpoint_2' / 'state')
-  logs.clear()
-  assert store.restore_newest_usable(_target_of(trained), logs.append) is None
-  assert 'file state/' in logs[0] and 'file extra/metadata is missing' in logs[1]
-  assert sorted(p.name for p in (tmp_path / 'damaged').iterdir()) == [
-      'checkpoint_1', 'checkpoint_2', 'checkpoint_2.1']
+  (tmp_path / 'checkpoint_2' / 'extra' / 'metadata').unlink()
+  with pytest.raises(train_state.CheckpointCorruptError, match='file extra/metadata is missing'):
+    store.restore(2, _target_of(trained))
+  assert store.move_aside(2) == tmp_path / 'damaged' / 'checkpoint_2.1'
 
 
 def test_failed_save_is_one_clear_error_and_keeps_the_previous(trained, tmp_path):
@@ -329,9 +327,8 @@ def test_failed_save_is_one_clear_error_and_keeps_the_previous(trained, tmp_path
   assert f'could not write checkpoint {tmp_path / "checkpoint_2"}: file too large' in message
   assert f'the previous checkpoint {tmp_path / "checkpoint_1"} is intact' in message
   assert _dir_digest(tmp_path) == before  # no partial checkpoint_2 left behind
-  step, _, _ = train_state.CheckpointStore(tmp_path).restore_newest_usable(
-      _target_of(trained), print)
-  assert step == 1
+  _, extra = train_state.CheckpointStore(tmp_path).restore(1, _target_of(trained))
+  assert extra['data_batches'] == 1
 
 
 def test_eval_step_matches_train_loss_and_scores(overfit, setup):
