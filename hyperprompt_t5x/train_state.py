@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import shutil
+import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
@@ -401,6 +402,21 @@ class CheckpointStore:
     if not self._async:
       self._committed(step)
 
+  def _remove_partial(self, step: int) -> None:
+    """Removes the unfinished write of checkpoint_<step> (not a checkpoint), frees its space.
+
+    Writes still in flight when the save failed may recreate files for a moment:
+    repeat until the temporary folder stays gone.
+    """
+    pattern = f'checkpoint_{step}.orbax-checkpoint-tmp*'
+    for _ in range(40):
+      partial = list(self.directory.glob(pattern))
+      for tmp in partial:
+        shutil.rmtree(tmp, ignore_errors=True)
+      time.sleep(0.05)
+      if not partial and not list(self.directory.glob(pattern)):
+        return
+
   def wait(self) -> None:
     """Blocks until an asynchronous save has finished."""
     step = self._manager.latest_step()
@@ -421,8 +437,7 @@ class CheckpointStore:
     except Exception as e:  # orbax / TensorStore raise many types for I/O errors.
       if step is None:
         raise
-      for tmp in self.directory.glob(f'checkpoint_{step}.orbax-checkpoint-tmp*'):
-        shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished write, not a checkpoint
+      self._remove_partial(step)
       previous = [s for s in self.all_steps() if s < step]
       kept = (f'the previous checkpoint {self.step_dir(previous[-1])} is intact'
               if previous else 'no earlier checkpoint exists')
