@@ -6,7 +6,9 @@
 What users would otherwise run: `T5ForConditionalGeneration` built from a
 `transformers.T5Config` with T5 1.1 shapes (gated-GELU, untied output layer,
 relative-position buckets 32 / distance 128) taken from the project's own
-`T5Config.from_size`, random init, float32 parameters, bf16 autocast, eager.
+`T5Config.from_size`, random init, float32 parameters, bf16 autocast (or plain
+float32 with `--dtype float32`, for a fair CPU comparison: torch's bf16 on a CPU
+without bf16 instructions is emulated), eager.
 
 Modes:
   full         full fine-tuning with `torch.optim.AdamW` (the project bench's default)
@@ -45,6 +47,7 @@ from bench import flops as flops_lib  # noqa: E402
 from bench import train_step as jax_bench  # noqa: E402  (batches, table, JSON; no jax at import)
 
 MODES = ('full', 'peft_prefix')
+DTYPES = ('bfloat16', 'float32')
 
 
 class Skipped(Exception):
@@ -67,6 +70,7 @@ class PeerConfig:
   seed: int = 0
   device: str = 'auto'
   fused_adamw: bool = False
+  dtype: str = 'bfloat16'  # 'bfloat16': bf16 autocast; 'float32': no autocast
 
 
 def project_shapes(size: str):
@@ -148,8 +152,10 @@ def run_one(cfg: PeerConfig) -> Dict[str, Any]:
     if device.type == 'cuda':
       torch.cuda.synchronize(device)
 
+  autocast = cfg.dtype == 'bfloat16'
+
   def step(batch):
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
       loss = model(**batch).loss
     loss.backward()
     opt.step()
@@ -188,7 +194,7 @@ def run_one(cfg: PeerConfig) -> Dict[str, Any]:
       'method': 'none' if full else 'peft_prefix', 'freeze': 'all' if full else 'backbone',
       'optimizer': 'adamw' + (' (fused)' if cfg.fused_adamw else ''), 'batch': cfg.batch,
       'inputs_len': cfg.inputs_len, 'targets_len': cfg.targets_len,
-      'dtype': 'bfloat16 autocast', 'remat_policy': 'none',
+      'dtype': 'bfloat16 autocast' if autocast else 'float32', 'remat_policy': 'none',
       'attention_impl': str(getattr(base_config, '_attn_implementation', None) or 'eager'),
       'embedding_lookup': 'torch.nn.Embedding', 'prompt_length': 0 if full else prompt_length,
       'dropout_rate': cfg.dropout_rate, 'output_layer': output_note,
@@ -239,6 +245,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--device', default='auto', help='auto | cpu | cuda')
+  p.add_argument('--dtype', choices=DTYPES, default='bfloat16',
+                 help='bfloat16: bf16 autocast (parameters float32); float32: no autocast')
   p.add_argument('--fused_adamw', action='store_true', help='torch.optim.AdamW(fused=True)')
   p.add_argument('--threads', type=int, default=None,
                  help='torch.set_num_threads (CPU); default: torch\'s own choice')
@@ -268,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       cfg = PeerConfig(size=size, mode=mode, batch=args.batch, inputs_len=args.inputs_len,
                        targets_len=args.targets_len, prompt_length=args.prompt_length,
                        dropout_rate=args.dropout_rate, warmup=args.warmup, steps=args.steps,
-                       seed=args.seed, device=args.device, fused_adamw=args.fused_adamw)
+                       seed=args.seed, device=args.device, fused_adamw=args.fused_adamw,
+                       dtype=args.dtype)
       base = {'impl': 'hf_transformers (torch)', 'size': size,
               'method': 'none' if mode == 'full' else mode, 'batch': args.batch,
               'inputs_len': args.inputs_len, 'targets_len': args.targets_len}

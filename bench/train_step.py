@@ -42,6 +42,7 @@ if str(_REPO) not in sys.path:  # run as a script from a bare checkout (the GPU 
   sys.path.insert(0, str(_REPO))
 
 from bench import flops as flops_lib  # noqa: E402
+from bench import step_analysis  # noqa: E402
 
 SIZES = ('tiny', 'small', 'base', 'large', 'xl', 'xxl')
 METHODS = flops_lib.ALL_METHODS
@@ -73,12 +74,14 @@ class BenchConfig:
   prompt_length: Optional[int] = None  # None: the config's default
   num_tasks: int = 8
   dropout_rate: float = 0.1
+  attention_dropout_rate: Optional[float] = None  # None: dropout_rate (T5X)
   learning_rate: float = 1e-4
   weight_decay: float = 0.01  # torch.optim.AdamW's default, so the peer matches
   warmup: int = 3
   steps: int = 10
   num_batches: int = 2  # distinct device batches the loop rotates through
   seed: int = 0
+  num_layers: Optional[int] = None  # None: the size's; else this many encoder and decoder layers
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -139,30 +142,57 @@ def _count(tree) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
-def build(cfg: BenchConfig):
-  """Builds (config, mesh, state, step_fn) with the project's own code, as the trainer does."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import models, network, optim, partitioning, train_state  # pylint: disable=g-import-not-at-top
-
+def model_config(cfg: BenchConfig):
+  """The network's T5Config for one bench configuration."""
+  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
   overrides = dict(method=cfg.method, num_tasks=cfg.num_tasks, dtype=cfg.dtype,
                    dropout_rate=cfg.dropout_rate, attention_impl=cfg.attention_impl,
                    remat_policy=cfg.remat_policy)
+  if cfg.attention_dropout_rate is not None:
+    overrides['attention_dropout_rate'] = cfg.attention_dropout_rate
   if cfg.embedding_lookup is not None:
     overrides['embedding_lookup'] = cfg.embedding_lookup
   if cfg.prompt_length is not None:
     overrides['prompt_length'] = cfg.prompt_length
-  config = network.T5Config.from_size(cfg.size, **overrides)
+  if cfg.num_layers is not None:
+    overrides.update(num_encoder_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers)
+  return network.T5Config.from_size(cfg.size, **overrides)
+
+
+def formula_flops(cfg: BenchConfig, config) -> int:
+  """Model FLOPs of one train step by bench/flops.py (frozen weights: no weight gradients)."""
+  return flops_lib.method_train_flops(
+      flops_lib.Dims.from_config(config), cfg.method, batch=cfg.batch,
+      inputs_len=cfg.inputs_len, targets_len=cfg.targets_len,
+      prompt_length=int(getattr(config, 'prompt_length', 0) or 0),
+      backbone_trained=(cfg.freeze == 'all'),
+      prompt_encoder=bool(getattr(config, 'prompt_encoder', True)),
+      prompt_decoder=bool(getattr(config, 'prompt_decoder', True)))['total']
+
+
+def model_and_optimizer(cfg: BenchConfig):
+  """(config, model, optimizer, logical rules), built as the trainer builds them."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import models, optim, partitioning  # pylint: disable=g-import-not-at-top
+  config = model_config(cfg)
   model = models.EncoderDecoderModel(config)
   schedule = optim.make_schedule('constant', cfg.learning_rate)
-  mesh = partitioning.make_mesh(1)
-  rules = partitioning.standard_logical_axis_rules()
   abstract_params = flax.core.unfreeze(
       model.init_abstract(1, cfg.inputs_len, cfg.targets_len)['params'])
   optimizer = optim.make_optimizer(
       cfg.optimizer, schedule, params=abstract_params, freeze=cfg.freeze,
       param_axes=model.logical_axes(cfg.inputs_len, cfg.targets_len),
       weight_decay=cfg.weight_decay)
+  return config, model, optimizer, partitioning.standard_logical_axis_rules()
+
+
+def build(cfg: BenchConfig):
+  """Builds (config, mesh, state, step_fn) with the project's own code, as the trainer does."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import partitioning, train_state  # pylint: disable=g-import-not-at-top
+
+  config, model, optimizer, rules = model_and_optimizer(cfg)
+  mesh = partitioning.make_mesh(1)
   # Parameters are initialised from an 'unsafe_rbg' key: their values do not matter
   # here, and XLA:CPU compiles a threefry init of the whole tree several times slower
   # (59 s vs 11 s for 'tiny' on 2 loaded cores). Dropout keys use --prng_impl.
@@ -198,7 +228,13 @@ class Runner:
     self.calls = 0
     self.times: List[float] = []
     self.loss = None
-    # The first call compiles (and runs one step): compile_s = first call − median step.
+    # Compiled ahead of the first call (the trainer's jitted step, lowered on these
+    # arguments), so XLA's FLOP and memory analysis come with every record.
+    t0 = time.perf_counter()
+    self.compiled = self.step_fn.jitted.lower(self.state, self.batches[0],
+                                              self.keys[0]).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.analysis = step_analysis.compiled_report(self.compiled, mesh.size)
     t0 = time.perf_counter()
     self._call()
     self.first_call_s = time.perf_counter() - t0
@@ -207,8 +243,8 @@ class Runner:
 
   def _call(self):
     i = self.calls
-    self.state, metrics = self.step_fn(self.state, self.batches[i % len(self.batches)],
-                                       self.keys[i % len(self.keys)])
+    self.state, metrics = self.compiled(self.state, self.batches[i % len(self.batches)],
+                                        self.keys[i % len(self.keys)])
     self.calls += 1
     self.loss = metrics['loss'].block_until_ready()  # the only sync in the loop
 
@@ -224,12 +260,7 @@ class Runner:
     cfg, config = self.cfg, self.config
     peak, peak_source = _peak_memory()
     prompt_length = int(getattr(config, 'prompt_length', 0) or 0)
-    flops = flops_lib.method_train_flops(
-        flops_lib.Dims.from_config(config), cfg.method, batch=cfg.batch,
-        inputs_len=cfg.inputs_len, targets_len=cfg.targets_len, prompt_length=prompt_length,
-        backbone_trained=(cfg.freeze == 'all'),
-        prompt_encoder=bool(getattr(config, 'prompt_encoder', True)),
-        prompt_decoder=bool(getattr(config, 'prompt_decoder', True)))['total']
+    flops = formula_flops(cfg, config)
     median_s = percentile(self.times, 50)
     return {
         'impl': 'hyperprompt_t5x (jax)', 'size': cfg.size, 'method': cfg.method,
@@ -238,6 +269,7 @@ class Runner:
         'attention_impl': cfg.attention_impl, 'remat_policy': cfg.remat_policy,
         'embedding_lookup': getattr(config, 'embedding_lookup', None),
         'prompt_length': prompt_length, 'dropout_rate': cfg.dropout_rate,
+        'attention_dropout_rate': getattr(config, 'attention_dropout', cfg.dropout_rate),
         'num_params': self.num_params, 'num_trainable_params': self.num_trainable,
         'step_ms_median': 1e3 * median_s, 'step_ms_p10': 1e3 * percentile(self.times, 10),
         'step_ms_p90': 1e3 * percentile(self.times, 90), 'steps': len(self.times),
@@ -245,10 +277,16 @@ class Runner:
         'tokens_per_s': cfg.batch * (cfg.inputs_len + cfg.targets_len) / median_s,
         'model_flops_per_step': flops, 'model_tflops_per_s': flops / median_s / 1e12,
         'peak_memory_bytes': peak, 'peak_memory_source': peak_source,
-        'compile_s': max(0.0, self.first_call_s - median_s),
-        'first_call_s': self.first_call_s, 'overhead_vs_none_pct': None,
-        'final_loss': float(self.loss), 'error': None,
+        'compile_s': self.compile_s, 'first_call_s': self.first_call_s,
+        'overhead_vs_none_pct': None, 'final_loss': float(self.loss), 'error': None,
+        **self.analysis, 'xla_flops_ratio': self.analysis['xla_flops'] / flops,
     }
+
+
+def analyze_one(cfg: BenchConfig) -> Dict[str, Any]:
+  """Compiles one configuration from abstract inputs (nothing initialised or run)."""
+  return dict(dataclasses.asdict(cfg), impl='hyperprompt_t5x (jax)', compile_only=True,
+              error=None, **step_analysis.analyze(cfg))
 
 
 def run_one(cfg: BenchConfig) -> Dict[str, Any]:
@@ -264,11 +302,11 @@ _SAME_RUN_KEYS = ('impl', 'size', 'freeze', 'optimizer', 'batch', 'inputs_len', 
 
 def add_overheads(results: List[Dict[str, Any]]) -> None:
   """Sets overhead_vs_none_pct = 100·(t / t_none − 1) against 'none' with equal other keys."""
-  base = {tuple(r.get(k) for k in _SAME_RUN_KEYS): r['step_ms_median']
+  base = {tuple(r.get(k) for k in _SAME_RUN_KEYS): r.get('step_ms_median')
           for r in results if r.get('method') == 'none' and r.get('error') is None}
   for r in results:
     t_none = base.get(tuple(r.get(k) for k in _SAME_RUN_KEYS))
-    if r.get('error') is None and t_none:
+    if r.get('error') is None and t_none and r.get('step_ms_median'):
       r['overhead_vs_none_pct'] = 100.0 * (r['step_ms_median'] / t_none - 1.0)
 
 
@@ -292,7 +330,8 @@ def format_table(results: List[Dict[str, Any]]) -> str:
   """A fixed-width table of the results (errors shown in place of numbers)."""
   head = (f"{'impl':<22} {'size':<6} {'method':<13} {'freeze':<12} {'attn':<21} "
           f"{'remat':<6} {'batch':>5} {'in/tgt':>8} {'ms med':>9} {'p10':>9} {'p90':>9} "
-          f"{'tok/s':>9} {'TFLOP/s':>8} {'peakMiB':>8} {'comp s':>7} {'ovh %':>6}")
+          f"{'tok/s':>9} {'TFLOP/s':>8} {'peakMiB':>8} {'comp s':>7} {'ovh %':>6} "
+          f"{'xla/mdl':>7} {'XLA peak GiB':>12}")
   lines = [head, '-' * len(head)]
   for r in results:
     pre = (f"{str(r.get('impl'))[:22]:<22} {r.get('size', ''):<6} {r.get('method', ''):<13} "
@@ -302,15 +341,13 @@ def format_table(results: List[Dict[str, Any]]) -> str:
     if r.get('error'):
       lines.append(f"{pre} ERROR: {r['error'][:100]}")
       continue
-    mem = r.get('peak_memory_bytes')
-    ovh = r.get('overhead_vs_none_pct')
-    comp = r.get('compile_s')
+    num = lambda key, scale=1.0: float('nan') if r.get(key) is None else r[key] * scale
     lines.append(
-        f"{pre} {r['step_ms_median']:>9.2f} {r['step_ms_p10']:>9.2f} {r['step_ms_p90']:>9.2f} "
-        f"{r['tokens_per_s']:>9.0f} {r['model_tflops_per_s']:>8.3f} "
-        f"{(mem / 2**20 if mem else float('nan')):>8.0f} "
-        f"{(comp if comp is not None else float('nan')):>7.1f} "
-        f"{(ovh if ovh is not None else float('nan')):>6.1f}")
+        f"{pre} {num('step_ms_median'):>9.2f} {num('step_ms_p10'):>9.2f} "
+        f"{num('step_ms_p90'):>9.2f} {num('tokens_per_s'):>9.0f} "
+        f"{num('model_tflops_per_s'):>8.3f} {num('peak_memory_bytes', 2**-20):>8.0f} "
+        f"{num('compile_s'):>7.1f} {num('overhead_vs_none_pct'):>6.1f} "
+        f"{num('xla_flops_ratio'):>7.3f} {num('compiled_peak_bytes', 2**-30):>12.2f}")
   return '\n'.join(lines)
 
 
@@ -412,6 +449,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--prompt_length', type=int, default=None)
   p.add_argument('--num_tasks', type=int, default=8)
   p.add_argument('--dropout_rate', type=float, default=0.1)
+  p.add_argument('--attention_dropout_rate', type=float, default=None,
+                 help='attention-weight dropout (default: --dropout_rate, as T5X); 0 lets '
+                      'the fused attention impls run in training')
   p.add_argument('--weight_decay', type=float, default=0.01)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
@@ -425,6 +465,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "default) | rbg | unsafe_rbg")
   p.add_argument('--time_budget_s', type=float, default=None,
                  help='skip the configurations not started within this many seconds')
+  p.add_argument('--num_layers', type=int, default=None,
+                 help="encoder = decoder layers (default: the size's); for quick analyses")
+  p.add_argument('--compile_only', action='store_true',
+                 help='compile each configuration from abstract inputs and report only '
+                      "XLA's FLOPs and memory (no parameters initialised, no step run)")
   p.add_argument('--out', type=pathlib.Path, default=None, help='JSON output file')
   p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   args = p.parse_args(argv)
@@ -447,9 +492,11 @@ def configs_from_args(args: argparse.Namespace) -> List[BenchConfig]:
                       targets_len=args.targets_len, dtype=args.dtype, attention_impl=attn,
                       remat_policy=remat, embedding_lookup=args.embedding_lookup,
                       prompt_length=args.prompt_length, num_tasks=args.num_tasks,
-                      dropout_rate=args.dropout_rate, weight_decay=args.weight_decay,
+                      dropout_rate=args.dropout_rate,
+                      attention_dropout_rate=args.attention_dropout_rate,
+                      weight_decay=args.weight_decay,
                       warmup=args.warmup, steps=args.steps,
-                      seed=args.seed)
+                      seed=args.seed, num_layers=args.num_layers)
           for size, freeze, attn, remat, method in itertools.product(
               args.sizes, args.freeze, args.attention_impls, args.remat_policies, methods)
           if not (method == 'none' and freeze != 'all')]
@@ -486,7 +533,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       write_json(args.out, meta, results)
     print(format_table(results[-1:]).splitlines()[-1], flush=True)
 
-  if args.rounds <= 1:
+  if args.compile_only:
+    for cfg in configs:
+      try:
+        emit(analyze_one(cfg))
+      except Exception as e:  # pylint: disable=broad-except
+        emit(failed(cfg, e))
+  elif args.rounds <= 1:
     for cfg in configs:
       if over_budget():
         emit(skipped(cfg))

@@ -165,6 +165,12 @@ def test_bench_runs_tiny_end_to_end_without_gin_seqio_tf(tmp_path):
   assert 0 < r['step_ms_p10'] <= r['step_ms_median'] <= r['step_ms_p90']
   assert r['tokens_per_s'] == pytest.approx(2 * 24 / (r['step_ms_median'] / 1e3))
   assert r['peak_memory_bytes'] > 0 and r['compile_s'] >= 0
+  # XLA's view of the compiled step: FLOPs near the formula's, a memory breakdown.
+  assert r['xla_flops'] > 0 and r['xla_flops_ratio'] == pytest.approx(
+      r['xla_flops'] / r['model_flops_per_step'])
+  assert r['temp_bytes'] > 0 and r['alias_bytes'] > 0
+  assert r['compiled_peak_bytes'] == (r['argument_bytes'] + r['output_bytes']
+                                      - r['alias_bytes'] + r['temp_bytes'])
   assert np.isfinite(r['final_loss'])
   # The FLOPs are the formula's for this config (tiny shapes, the config's prompt length).
   from hyperprompt_t5x import network
@@ -201,3 +207,47 @@ def test_hf_peer_tiny_same_keys_and_untied(tmp_path):
   else:
     assert prefix['error'] is None
     assert 0 < prefix['num_trainable_params'] < prefix['num_params']
+
+
+def test_memory_plan_tiny_on_two_devices(tmp_path):
+  """Real compiles (2 host devices, NUM_PARTITIONS=2), the fit, the batch that fits, the cache."""
+  from bench import memory_plan  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / 'plan.json'
+  argv = ['--sizes=tiny', '--methods=none', '--partitions=2', '--slices=v4-8,v5e-8',
+          '--optimizer=adamw', '--inputs_len=8', '--targets_len=4', f'--cache={cache}']
+  rows = memory_plan.main(argv)
+  measured = json.loads(cache.read_text())
+  assert len(measured) == 1 + len(memory_plan.FIT_LAYERS) * len(memory_plan.FIT_BATCH)
+  assert [(r['slice'], r['chips'], r['hbm_gib']) for r in rows] == [('v4-8', 4, 32),
+                                                                     ('v5e-8', 8, 16)]
+  r = rows[0]
+  # AdamW: two moments sharded like the parameters (+ a step count).
+  assert 2 * r['param_gib'] <= r['opt_state_gib'] <= 2 * r['param_gib'] + 1e-6
+  # The parameters are split over the 2-way model axis: fewer bytes than the whole tree.
+  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
+  total = 4 * sum(x.size for x in jax_leaves(network.param_shapes(
+      network.T5Config.from_size('tiny'))))
+  assert r['param_gib'] * memory_plan.GIB < total
+  # The largest per-device batch fits and one more does not.
+  fixed = (r['param_gib'] + r['opt_state_gib'] + r['fixed_temp_gib']) * memory_plan.GIB
+  per = r['activation_gib_per_example'] * memory_plan.GIB
+  b = r['max_batch_per_device']
+  assert per > 0 and fixed + b * per <= 32 * memory_plan.GIB < fixed + (b + 1) * per
+  assert r['max_global_batch'] == b * (4 // 2)
+  # Cached: a second run compiles nothing (the subprocess would be the slow part).
+  stamp = cache.stat().st_mtime_ns
+  assert memory_plan.main(argv) == rows and cache.stat().st_mtime_ns == stamp
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.tree_leaves(tree)
+
+
+def test_memory_plan_fit_recovers_a_bilinear_model():
+  from bench import memory_plan  # pylint: disable=g-import-not-at-top
+  coef = {'a': 5.0, 'b': 3.0, 'c': 7.0, 'd': 11.0}
+  points = {(l, b): memory_plan.predict_temp(coef, l, b)
+            for l in memory_plan.FIT_LAYERS for b in memory_plan.FIT_BATCH}
+  assert memory_plan.fit_temp(points) == pytest.approx(coef)
+  assert memory_plan.predict_temp(coef, 24, 8) == 5 + 3 * 24 + 8 * (7 + 11 * 24)
