@@ -4,6 +4,7 @@
 #
 #   bash bench/run_gpu.sh                            # on the GPU machine, repo root
 #   BENCH_SMOKE=1 OUT=/tmp/smoke bash bench/run_gpu.sh   # CPU dry run, tiny shapes
+#   BENCH_DRY_RUN=1 bash bench/run_gpu.sh            # print each job's command, run nothing
 #
 # Needs only jax/flax/optax (project bench) and torch/transformers/peft (peer):
 # no gin, seqio or TensorFlow. Order = priority; each job has a hard cap and the
@@ -44,6 +45,10 @@ job() {  # job NAME CAP_S SCRIPT ARGS...: one bench process, capped, JSON + log 
     return
   fi
   [ "$cap" -gt "$remaining" ] && cap=$remaining
+  if [ "${BENCH_DRY_RUN:-0}" = 1 ]; then
+    echo "JOB $name bench/$script $* ${STEPS[*]} --out=$OUT/$name.json"
+    return
+  fi
   echo "== $name (cap ${cap}s, $(left)s of budget left)"
   # The bench's own budget stops it starting a configuration it cannot finish.
   timeout -k 10 "$cap" "$PY" "bench/$script" "$@" "${STEPS[@]}" \
@@ -54,7 +59,7 @@ job() {  # job NAME CAP_S SCRIPT ARGS...: one bench process, capped, JSON + log 
   tail -n 4 "$OUT/$name.log" | cut -c1-200
 }
 
-{
+[ "${BENCH_DRY_RUN:-0}" = 1 ] || {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
       --format=csv 2>&1 || echo "no nvidia-smi"
@@ -62,7 +67,7 @@ job() {  # job NAME CAP_S SCRIPT ARGS...: one bench process, capped, JSON + log 
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1
   "$PY" -c "import peft; print('peft', peft.__version__)" 2>&1 | tail -1
 } > "$OUT/env.txt"
-cat "$OUT/env.txt"
+[ "${BENCH_DRY_RUN:-0}" = 1 ] || cat "$OUT/env.txt"
 
 # 1. Headline: base, batch 64, 512/64, full fine-tuning, none vs HyperPrompt-Global.
 job jax_base "$CAP_JAX" train_step.py "${BASE[@]}" --methods=none,global --freeze=all --rounds=2
@@ -82,6 +87,7 @@ job jax_base_remat "$CAP_JAX" train_step.py "${BASE[@]}" --methods=global --free
 job jax_base_rbg "$CAP_JAX" train_step.py "${BASE[@]}" --methods=global --freeze=all \
     --prng_impl=unsafe_rbg
 
+[ "${BENCH_DRY_RUN:-0}" = 1 ] && exit 0
 "$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import sys
 from bench import train_step

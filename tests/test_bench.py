@@ -251,3 +251,23 @@ def test_memory_plan_fit_recovers_a_bilinear_model():
             for l in memory_plan.FIT_LAYERS for b in memory_plan.FIT_BATCH}
   assert memory_plan.fit_temp(points) == pytest.approx(coef)
   assert memory_plan.predict_temp(coef, 24, 8) == 5 + 3 * 24 + 8 * (7 + 11 * 24)
+
+
+@pytest.mark.parametrize('smoke', ['1', '0'])
+def test_run_gpu_jobs_parse(tmp_path, smoke):
+  """Every job run_gpu.sh would start (GPU shapes and CPU smoke) passes its script's parser."""
+  from bench import hf_peer  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, BENCH_DRY_RUN='1', BENCH_SMOKE=smoke, OUT=str(tmp_path))
+  proc = subprocess.run(['bash', str(REPO / 'bench' / 'run_gpu.sh')], env=env,
+                        capture_output=True, text=True, timeout=60, check=True)
+  jobs = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith('JOB ')]
+  assert [j[0] for j in jobs] == ['jax_base', 'hf_base', 'jax_large', 'hf_large',
+                                  'jax_base_attention', 'jax_base_remat', 'jax_base_rbg']
+  parsers = {'bench/train_step.py': train_step.parse_args, 'bench/hf_peer.py': hf_peer.parse_args}
+  for name, script, *argv in jobs:
+    args = parsers[script](argv)
+    assert str(args.out) == str(tmp_path / f'{name}.json')
+    if smoke == '0' and name in ('jax_base', 'hf_base'):
+      assert (args.sizes, args.batch, args.inputs_len, args.targets_len) == (
+          ['base'], 64, 512, 64)
+  assert not list(tmp_path.iterdir())  # a dry run writes nothing
