@@ -233,15 +233,33 @@ def validation(args) -> Optional[Dict[str, Any]]:
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
-  head = ('| size | method | NUM_PARTITIONS | slice (chips, HBM) | params GiB | opt state GiB '
-          '| fixed temp GiB | GiB per example | max batch / device | max global batch |')
+  """One line per (size, method, NUM_PARTITIONS); per chip type the largest batch per
+  device and the global batch on the smallest..largest slice asked for."""
+  head = ('| size | method | NUM_PARTITIONS | params GiB | opt state GiB | fixed temp GiB '
+          '| GiB per example | v4 (32 GiB): batch / device, global | '
+          'v5e (16 GiB): batch / device, global |')
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
+  groups: Dict[tuple, List[Dict[str, Any]]] = {}
   for r in rows:
+    groups.setdefault((r['size'], r['method'], r['partitions']), []).append(r)
+  for (size, method, p), group in groups.items():
+    r = group[0]
+    cells = []
+    for chip in ('v4', 'v5e'):
+      on = [g for g in group if g['slice'].startswith(chip + '-')]
+      b = on[0]['max_batch_per_device'] if on else None
+      if not on:
+        cells.append('')
+      elif not b:
+        cells.append('does not fit')
+      else:
+        cells.append(f"{b}: {on[0]['max_global_batch']} ({on[0]['slice']})"
+                     + (f" .. {on[-1]['max_global_batch']} ({on[-1]['slice']})"
+                        if len(on) > 1 else ''))
     lines.append(
-        f"| {r['size']} | {r['method']} | {r['partitions']} | {r['slice']} ({r['chips']}, "
-        f"{r['hbm_gib']}) | {r['param_gib']:.2f} | {r['opt_state_gib']:.2f} | "
+        f"| {size} | {method} | {p} | {r['param_gib']:.2f} | {r['opt_state_gib']:.2f} | "
         f"{r['fixed_temp_gib']:.2f} | {r['activation_gib_per_example']:.3f} | "
-        f"{r['max_batch_per_device'] or 'does not fit'} | {r['max_global_batch'] or '-'} |")
+        f"{cells[0]} | {cells[1]} |")
   return '\n'.join(lines)
 
 
