@@ -134,8 +134,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # for users of this CLI; errors still show.
   absl_logging.set_verbosity(absl_logging.ERROR)
   # A failed checkpoint write (e.g. a full disk) is reported as one line; orbax's
-  # unretrieved asyncio task errors would repeat it as tracebacks.
+  # unretrieved asyncio task errors and failed write threads would repeat it as
+  # tracebacks.
   logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+  logging.getLogger('absl').addFilter(
+      lambda record: 'raised an exception' not in str(record.msg))  # orbax's write threads
   from hyperprompt_t5x import divergence  # pylint: disable=g-import-not-at-top
   from hyperprompt_t5x import model_dir_lock, preemption  # pylint: disable=g-import-not-at-top
   known = (ValueError, FileNotFoundError, FileExistsError, divergence.TrainingDivergedError,
