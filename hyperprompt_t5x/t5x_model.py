@@ -23,6 +23,7 @@ import functools
 from typing import Any, Mapping, Optional, Tuple
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from t5x import adafactor
@@ -30,8 +31,10 @@ from t5x import decoding as t5x_decoding
 from t5x import models as t5x_models
 
 from hyperprompt_t5x import decoding
+from hyperprompt_t5x import optim
 from hyperprompt_t5x import network
 from hyperprompt_t5x import partitioning
+from hyperprompt_t5x.checkpoints import CheckpointError
 
 PyTree = Any
 TASK_IDS = 'task_ids'
@@ -188,30 +191,47 @@ def conditioning_axis_rules() -> list:
 
 
 def logical_factor_rules() -> flax.core.FrozenDict:
-  """T5X's Adafactor factor rules plus the conditioning axes (unfactored).
+  """T5X's Adafactor factor rules for every logical axis of the network, the
+  conditioning axes included (`optim.LOGICAL_FACTOR_RULES`, the lean trainer's):
+  T5X's `Adafactor.set_param_axes` raises KeyError on an axis without a rule."""
+  return flax.core.freeze({name: adafactor.factor_name_to_factordim(kind)
+                           for name, kind in optim.LOGICAL_FACTOR_RULES.items()})
 
-  T5X's `Adafactor.set_param_axes` raises KeyError on an axis without a rule.
-  `layers` and `stack` keep T5X's BATCH rule.
-  """
-  rules = flax.core.unfreeze(adafactor.standard_logical_factor_rules())
-  for name in partitioning.CONDITIONING_AXES:
-    rules.setdefault(name, adafactor.FactorDim.NONE)
-  return flax.core.freeze(rules)
+
+def _param_paths(tree: Mapping[str, Any]) -> set:
+  return set(traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/'))
 
 
 def project_checkpoint_to_t5x(state_dict: Mapping[str, Any], target_state_dict=None,
                               is_resuming: bool = False) -> Mapping[str, Any]:
-  """T5X restore transformation: this project's checkpoint layout -> T5X's.
+  """T5X restore transformation: this project's checkpoint layout -> T5X's, checked.
 
   The project's trainer saves `checkpoint_<step>/state` = {step, params,
   opt_state}; T5X's train state is {target, state: {step, param_states}}.
-  Maps params -> target and step -> state/step; the project's optax state
-  has no T5X counterpart and is dropped, so T5X's optimizer state comes from
-  its fresh initialisation (set `utils.RestoreCheckpointConfig.
-  fallback_to_scratch = True`). A T5X checkpoint passes through unchanged.
+  Maps params -> target and step -> state/step; the project's optax state has
+  no T5X counterpart and is dropped (T5X's optimizer state starts fresh:
+  `fallback_to_scratch`). A T5X checkpoint keeps its layout. Either way the
+  checkpoint's parameter names must be the model's (a checkpoint without any
+  task conditioning, e.g. T5 1.1's, may leave it to the initialisation), else
+  one CheckpointError names the difference.
   """
-  del target_state_dict, is_resuming
-  if 'params' not in state_dict or 'target' in state_dict:
-    return state_dict
-  return {'target': state_dict['params'],
-          'state': {'step': state_dict['step'], 'param_states': {}}}
+  del is_resuming
+  if 'params' in state_dict and 'target' not in state_dict:
+    state_dict = {'target': state_dict['params'],
+                  'state': {'step': state_dict['step'], 'param_states': {}}}
+  if target_state_dict is not None and 'target' in state_dict:
+    _check_checkpoint_params(state_dict['target'], target_state_dict['target'])
+  return state_dict
+
+
+def _check_checkpoint_params(have_tree, want_tree) -> None:
+  have, want = _param_paths(have_tree), _param_paths(want_tree)
+  key = network.CONDITIONING_KEY + '/'
+  if not any(p.startswith(key) for p in have):  # a backbone checkpoint: fresh conditioning
+    want = {p for p in want if not p.startswith(key)}
+  missing, unexpected = sorted(want - have), sorted(have - want)
+  if missing or unexpected:
+    raise CheckpointError(
+        'the checkpoint does not fit this model (another method, size or number of tasks?): '
+        f'{len(missing)} parameter(s) missing, e.g. {missing[:3]}; {len(unexpected)} '
+        f'unexpected, e.g. {unexpected[:3]}')
