@@ -40,7 +40,9 @@ def _build(files, **macros):
 
 def test_every_shipped_gin_file_is_covered_and_parses():
   root = _gin_dir()
-  found = sorted(str(p.relative_to(root)) for p in root.rglob('*.gin'))
+  # gin/t5x/ holds the files for T5X's own entry points (tests/test_t5x_gin.py).
+  found = sorted(str(p.relative_to(root)) for p in root.rglob('*.gin')
+                 if p.relative_to(root).parts[0] != 't5x')
   expected = sorted(
       [f'models/{s}.gin' for s in ['tiny', *T5_1_1]]
       + [f'methods/{m}.gin' for m in METHOD_OF] + ['methods/conditioning.gin']
