@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from hyperprompt_t5x import t5x_checkpoint_store
+
 BEST_FILE = 'best.json'
 
 
@@ -243,11 +245,16 @@ def _restored_evaluator(model_dir, model_config, mixture_or_task_name, task_feat
     raise FileNotFoundError(f'no checkpoint_{step} in {model_dir}; it has {sorted(steps)}')
   lengths = run_setup.validate_feature_lengths(task_feature_lengths)
   settings = run_setup.OptimizerSettings(optimizer=optimizer, freeze=freeze)
+  newest = max(int(p[len('checkpoint_'):]) for p in steps)
+  store = None  # this project's CheckpointStore
+  if t5x_checkpoint_store.is_t5x_checkpoint(
+      os.path.join(model_dir, f'checkpoint_{newest if step is None else step}')):
+    store = t5x_checkpoint_store.T5XCheckpointStore(model_dir)  # written by T5X
   run = run_setup.build_run(model_dir=model_dir, config=model_config,
                             mixture_or_task_name=mixture_or_task_name,
                             task_feature_lengths=lengths, settings=settings,
                             num_partitions=num_partitions, checkpoint_step=step,
-                            require_checkpoint=True)
+                            require_checkpoint=True, store=store)
   evaluator = Evaluator(run, mixture_or_task_name, lengths, split=split,
                         batch_size=batch_size, max_examples=max_examples,
                         model_dir=model_dir)

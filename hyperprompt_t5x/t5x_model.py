@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import flax
 from flax import traverse_util
+import orbax.checkpoint as ocp
 import jax
 import jax.numpy as jnp
 from t5x import adafactor
@@ -217,11 +218,28 @@ def project_checkpoint_to_t5x(state_dict: Mapping[str, Any], target_state_dict=N
   """
   del is_resuming
   if 'params' in state_dict and 'target' not in state_dict:
-    state_dict = {'target': state_dict['params'],
-                  'state': {'step': state_dict['step'], 'param_states': {}}}
+    state_dict = {'target': _stored_as(state_dict['params'], 'params'),
+                  'state': {'step': _stored_as(state_dict['step'], 'step'),
+                            'param_states': {}}}
   if target_state_dict is not None and 'target' in state_dict:
     _check_checkpoint_params(state_dict['target'], target_state_dict['target'])
   return state_dict
+
+
+def _stored_as(tree, prefix: str):
+  """Orbax metadata leaves -> placeholders naming the stored arrays.
+
+  T5X restores a renamed leaf from the array a placeholder names (else it
+  would look for `target.*`); other leaves (tests' plain values) stay.
+  """
+  def leaf(path, value):
+    if not isinstance(value, ocp.metadata.tree.ValueMetadataEntry):
+      return value
+    return ocp.utils.leaf_placeholder('.'.join([prefix, *map(str, path)]))
+  if not isinstance(tree, Mapping):
+    return leaf((), tree)
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(tree))
+  return traverse_util.unflatten_dict({k: leaf(k, v) for k, v in flat.items()})
 
 
 def _check_checkpoint_params(have_tree, want_tree) -> None:

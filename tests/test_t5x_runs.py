@@ -1,0 +1,126 @@
+"""Real T5X entry points (`python -m t5x.train / t5x.eval`) with this package's gin files.
+
+One short T5X training run and one T5X eval of a lean-trainer checkpoint (each a
+subprocess of about a minute) serve every test here: T5X trains the model, T5X
+scores the project's checkpoint as `hyperprompt-t5x eval` does, T5X's beam search
+predicts what the project's greedy decoder predicts, and the project reads the
+checkpoint T5X wrote.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+try:
+  import t5x  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pytest.skip('t5x not importable (install it with ../shared/vendor/install-t5x.sh)',
+              allow_module_level=True)
+
+from hyperprompt_t5x import cli  # noqa: E402
+
+from conftest import REPO_ROOT  # noqa: E402
+
+LEAN_STEPS = 80   # as tests/test_demo.py: the demo tasks are learnt by about step 75
+T5X_STEPS = 3
+DEMO_TASKS = ('hyperprompt_demo_has_a', 'hyperprompt_demo_max', 'hyperprompt_demo_min')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _shared_compilation_cache(compilation_cache):
+  return compilation_cache
+
+
+def _t5x(script, gin_file, tmp_path, *bindings):
+  """Runs `python -m t5x.<script>` on hyperprompt_t5x/gin/t5x/<gin_file>; its log."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
+  # The editable install keeps the gin files in the checkout: its root holds
+  # hyperprompt_t5x/gin (a link to gin/), the path the gin includes use.
+  argv = [sys.executable, '-m', f't5x.{script}',
+          f'--gin_file=hyperprompt_t5x/gin/t5x/{gin_file}',
+          f'--gin_search_paths={REPO_ROOT}', *[f'--gin.{b}' for b in bindings]]
+  result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stderr
+
+
+@pytest.fixture(scope='module')
+def lean_run(tmp_path_factory):
+  """The lean trainer's demo checkpoint and its own eval JSON and predictions."""
+  model_dir = tmp_path_factory.mktemp('lean') / 'run'
+  common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}', '--gin.XLA_FLAGS=None']
+  assert cli.main(['train', *common, f'--gin.TRAIN_STEPS={LEAN_STEPS}',
+                   f'--gin.EVAL_PERIOD={LEAN_STEPS}', f'--gin.SAVE_PERIOD={LEAN_STEPS}']) == 0
+  assert cli.main(['eval', *common]) == 0
+  out = model_dir / 'predictions.jsonl'
+  assert cli.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}']) == 0
+  return model_dir
+
+
+@pytest.fixture(scope='module')
+def t5x_eval_of_lean(lean_run, tmp_path_factory):
+  out = tmp_path_factory.mktemp('t5x_eval')
+  _t5x('eval', 'demo_eval.gin', out,
+       f"CHECKPOINT_PATH='{lean_run / f'checkpoint_{LEAN_STEPS}'}'",
+       f"EVAL_OUTPUT_DIR='{out}'")
+  return out / 'inference_eval'
+
+
+def test_t5x_eval_scores_a_project_checkpoint_as_the_project_does(lean_run, t5x_eval_of_lean):
+  ours = json.loads((lean_run / f'eval_validation_{LEAN_STEPS}.json').read_text())
+  for name in DEMO_TASKS:
+    lines = (t5x_eval_of_lean / f'{name}-metrics.jsonl').read_text().splitlines()
+    theirs = json.loads(lines[-1])
+    assert theirs['step'] == LEAN_STEPS
+    assert theirs['accuracy'] == pytest.approx(ours['tasks'][name]['accuracy']), name
+  assert ours['average'] >= 90.0
+
+
+def test_t5x_beam_search_predicts_the_project_greedy_decodes(lean_run, t5x_eval_of_lean):
+  ours = {}
+  for row in map(json.loads, (lean_run / 'predictions.jsonl').read_text().splitlines()):
+    ours[(row['task'], row['inputs'])] = row['prediction']
+  compared = 0
+  for name in DEMO_TASKS:
+    for row in map(json.loads, (t5x_eval_of_lean / f'{name}-{LEAN_STEPS:06d}.jsonl')
+                   .read_text().splitlines()):
+      assert row['prediction'] == ours[(name, row['input']['inputs_pretokenized'])]
+      compared += 1
+  assert compared == 3 * 256
+
+
+@pytest.fixture(scope='module')
+def t5x_run(tmp_path_factory):
+  """A few T5X training steps of the demo model from scratch (T5X's own checkpoint)."""
+  model_dir = tmp_path_factory.mktemp('t5x_train') / 'run'
+  log = _t5x('train', 'demo.gin', model_dir.parent, f"MODEL_DIR='{model_dir}'",
+             f'TRAIN_STEPS={T5X_STEPS}', 'utils.SaveCheckpointConfig.period=1000',
+             'train_script.train.eval_period=1000', 'train_script.train.eval_steps=1',
+             'train_script.train.infer_eval_dataset_cfg=None')
+  return model_dir, log
+
+
+def test_t5x_trains_the_model_and_the_project_reads_its_checkpoint(t5x_run):
+  from t5x import checkpoints as t5x_checkpoints
+  from hyperprompt_t5x import checkpoints
+  model_dir, log = t5x_run
+  assert f'[{T5X_STEPS}] collection=train' in log
+  ckpt = model_dir / f'checkpoint_{T5X_STEPS}'
+  ours = checkpoints.flatten_params(checkpoints.load_t5x_params(str(ckpt)))
+  assert any(k.startswith('task_conditioning/') for k in ours)
+  theirs = checkpoints.flatten_params(t5x_checkpoints.load_t5x_checkpoint(str(ckpt))['target'])
+  assert sorted(ours) == sorted(theirs)
+  for k, v in theirs.items():
+    np.testing.assert_array_equal(ours[k], np.asarray(v, np.float32), err_msg=k)
+
+
+def test_project_eval_reads_a_t5x_checkpoint(t5x_run):
+  model_dir, _ = t5x_run
+  assert cli.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
+                   '--gin.XLA_FLAGS=None']) == 0
+  scored = json.loads((model_dir / f'eval_validation_{T5X_STEPS}.json').read_text())
+  assert scored['step'] == T5X_STEPS and sorted(scored['tasks']) == list(DEMO_TASKS)
