@@ -11,8 +11,7 @@ packed here (a packed row would mix tasks), so a packed batch is refused.
 
 Also the T5X-side configuration helpers the gin files in `gin/t5x/` name:
 partitioning rules and Adafactor factor rules for the conditioning's logical
-axes, and a restore transformation that lets T5X read this project's
-checkpoints (`checkpoint_<step>/state` = {step, params, opt_state}) unchanged.
+axes, and a restore transformation that checks a checkpoint fits the model.
 
 This is the only module that imports t5x; nothing else in the package imports
 it (tests/test_t5x_model.py checks), so the rest works without T5X.
@@ -24,7 +23,6 @@ from typing import Any, Mapping, Optional, Tuple
 
 import flax
 from flax import traverse_util
-import orbax.checkpoint as ocp
 import jax
 import jax.numpy as jnp
 from t5x import adafactor
@@ -203,43 +201,27 @@ def _param_paths(tree: Mapping[str, Any]) -> set:
   return set(traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/'))
 
 
-def project_checkpoint_to_t5x(state_dict: Mapping[str, Any], target_state_dict=None,
-                              is_resuming: bool = False) -> Mapping[str, Any]:
-  """T5X restore transformation: this project's checkpoint layout -> T5X's, checked.
+def check_checkpoint_fits(state_dict: Mapping[str, Any], target_state_dict=None,
+                          is_resuming: bool = False) -> Mapping[str, Any]:
+  """T5X restore transformation that only checks: the checkpoint fits this model.
 
-  The project's trainer saves `checkpoint_<step>/state` = {step, params,
-  opt_state}; T5X's train state is {target, state: {step, param_states}}.
-  Maps params -> target and step -> state/step; the project's optax state has
-  no T5X counterpart and is dropped (T5X's optimizer state starts fresh:
-  `fallback_to_scratch`). A T5X checkpoint keeps its layout. Either way the
-  checkpoint's parameter names must be the model's (a checkpoint without any
-  task conditioning, e.g. T5 1.1's, may leave it to the initialisation), else
-  one CheckpointError names the difference.
+  The checkpoint's parameter names must be the model's (a checkpoint without
+  any task conditioning, e.g. T5 1.1's, may leave it to the initialisation);
+  else one CheckpointError names the difference instead of T5X's restore
+  failing deep inside orbax. This project's own checkpoints
+  ({step, params, opt_state}) are refused with one line: T5X's orbax restore
+  looks leaves up by their T5X names (`target.*`), so it cannot read them in
+  place (renaming through orbax placeholders fails in T5X at cc342d4).
   """
   del is_resuming
   if 'params' in state_dict and 'target' not in state_dict:
-    state_dict = {'target': _stored_as(state_dict['params'], 'params'),
-                  'state': {'step': _stored_as(state_dict['step'], 'step'),
-                            'param_states': {}}}
+    raise CheckpointError(
+        'this is a hyperprompt_t5x trainer checkpoint ({step, params, opt_state}); T5X '
+        'reads only its own layout {target, state}: evaluate it with `hyperprompt-t5x '
+        'eval` (T5X cannot restore it yet)')
   if target_state_dict is not None and 'target' in state_dict:
     _check_checkpoint_params(state_dict['target'], target_state_dict['target'])
   return state_dict
-
-
-def _stored_as(tree, prefix: str):
-  """Orbax metadata leaves -> placeholders naming the stored arrays.
-
-  T5X restores a renamed leaf from the array a placeholder names (else it
-  would look for `target.*`); other leaves (tests' plain values) stay.
-  """
-  def leaf(path, value):
-    if not isinstance(value, ocp.metadata.tree.ValueMetadataEntry):
-      return value
-    return ocp.utils.leaf_placeholder('.'.join([prefix, *map(str, path)]))
-  if not isinstance(tree, Mapping):
-    return leaf((), tree)
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(tree))
-  return traverse_util.unflatten_dict({k: leaf(k, v) for k, v in flat.items()})
 
 
 def _check_checkpoint_params(have_tree, want_tree) -> None:

@@ -172,16 +172,17 @@ def test_only_the_t5x_adapter_imports_t5x():
   assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_restore_transformation_maps_project_checkpoints_and_refuses_other_models():
+def test_restore_transformation_refuses_other_models_and_project_layouts():
   from hyperprompt_t5x.checkpoints import CheckpointError
   target = {'target': {'encoder': {'k': 0}, 'task_conditioning': {'p': 0}},
             'state': {'step': 0, 'param_states': {}}}
-  project = {'step': 7, 'params': {'encoder': {'k': 1}, 'task_conditioning': {'p': 2}},
-             'opt_state': {'mu': 3}}
-  mapped = t5x_model.project_checkpoint_to_t5x(project, target)
-  assert mapped == {'target': project['params'], 'state': {'step': 7, 'param_states': {}}}
   t5x_ckpt = {'target': {'encoder': {'k': 1}}, 'state': {'step': 1000000}}
-  assert t5x_model.project_checkpoint_to_t5x(t5x_ckpt, target) is t5x_ckpt  # T5 1.1 backbone
-  other = {'step': 7, 'params': {'encoder': {'k': 1}, 'task_conditioning': {'q': 2}}}
+  assert t5x_model.check_checkpoint_fits(t5x_ckpt, target) is t5x_ckpt  # T5 1.1 backbone
+  full = {'target': {'encoder': {'k': 1}, 'task_conditioning': {'p': 2}}, 'state': {}}
+  assert t5x_model.check_checkpoint_fits(full, target) is full
+  other = {'target': {'encoder': {'k': 1}, 'task_conditioning': {'q': 2}}, 'state': {}}
   with pytest.raises(CheckpointError, match='another method, size'):
-    t5x_model.project_checkpoint_to_t5x(other, target)
+    t5x_model.check_checkpoint_fits(other, target)
+  project = {'step': 7, 'params': full['target'], 'opt_state': {}}
+  with pytest.raises(CheckpointError, match='hyperprompt-t5x eval'):
+    t5x_model.check_checkpoint_fits(project, target)
