@@ -55,14 +55,19 @@ def t5x_run(tmp_path_factory):
 
 
 def test_t5x_trains_the_model_and_the_project_reads_its_checkpoint(t5x_run):
-  from t5x import checkpoints as t5x_checkpoints
-  from hyperprompt_t5x import checkpoints
   model_dir, log = t5x_run
   assert f'[{T5X_STEPS}] collection=train' in log
-  ckpt = model_dir / f'checkpoint_{T5X_STEPS}'
+  assert_project_reads_t5x_params(model_dir / f'checkpoint_{T5X_STEPS}')
+
+
+def assert_project_reads_t5x_params(ckpt):
+  """checkpoints.load_t5x_params equals orbax's plain restore of T5X's `state` item."""
+  import orbax.checkpoint as ocp
+  from hyperprompt_t5x import checkpoints
   ours = checkpoints.flatten_params(checkpoints.load_t5x_params(str(ckpt)))
   assert any(k.startswith('task_conditioning/') for k in ours)
-  theirs = checkpoints.flatten_params(t5x_checkpoints.load_t5x_checkpoint(str(ckpt))['target'])
+  stored = ocp.PyTreeCheckpointer().restore(str(ckpt / 'state'))
+  theirs = checkpoints.flatten_params(stored['target'])
   assert sorted(ours) == sorted(theirs)
   for k, v in theirs.items():
     np.testing.assert_array_equal(ours[k], np.asarray(v, np.float32), err_msg=k)
