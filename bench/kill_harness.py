@@ -88,6 +88,13 @@ class Attempt:
         return int(line.split()[1].split('/')[0])
     return None
 
+  def resumed_from(self) -> Optional[int]:
+    """The step of the 'Starting at step N' line, if printed yet."""
+    for line in self.lines:
+      if line.startswith('Starting at step'):
+        return int(line.split()[3])
+    return None
+
   def started_training(self) -> bool:
     return any(l.startswith('Starting at step') for l in self.lines)
 
@@ -129,8 +136,9 @@ def kill_once(attempt: Attempt, kind: str, rng: random.Random, total_steps: int,
   """SIGKILLs `attempt` at a moment of `kind`; False if it finished first."""
   if kind == 'start-up':
     attempt.wait_until(lambda: False, rng.uniform(0.5, 8.0))
-  elif kind == 'step':
-    start = attempt.last_step() or 0
+  elif kind == 'step':  # a random step between where this attempt resumed and the end
+    attempt.wait_until(attempt.started_training, timeout)
+    start = attempt.resumed_from() or 0
     target = rng.randint(start + 1, max(start + 1, total_steps - 1))
     attempt.wait_until(lambda: (attempt.last_step() or 0) >= target, timeout)
     attempt.wait_until(lambda: False, rng.uniform(0.0, 0.3))
@@ -227,7 +235,6 @@ def run_harness(work: pathlib.Path, *, kills: int, steps: int, save_period: int,
     kind = rng.choice(kinds)
     attempt = Attempt(args, model_dir, env)
     attempts += 1
-    resumed_from = None
     if not kill_once(attempt, kind, rng, steps):
       rc = attempt.finish()
       if rc != 0:
@@ -235,9 +242,7 @@ def run_harness(work: pathlib.Path, *, kills: int, steps: int, save_period: int,
       log(f'attempt {attempts}: finished before the kill ({kind}); starting over is not '
           'possible, stopping with the kills so far')
       break
-    for line in attempt.lines:
-      if line.startswith('Starting at step'):
-        resumed_from = int(line.split()[3])
+    resumed_from = attempt.resumed_from()
     row = {'kill': len(table) + 1, 'aimed at': kind, 'phase': attempt.phase(),
            'resumed from step': resumed_from, 'last step logged': attempt.last_step(),
            'seconds alive': round(time.monotonic() - attempt.started, 1)}
