@@ -8,7 +8,8 @@ Importing `hyperprompt_t5x.tasks` registers with seqio (imports TensorFlow):
   `hyperprompt_super_glue_<t>`, t in boolq, cb, copa, multirc, record, rte,
   wic, wsc; `hyperprompt_demo_<t>`, t in max, min, has_a (see demo.py);
 * mixtures `hyperprompt_glue` (8 GLUE training tasks, no WNLI),
-  `hyperprompt_super_glue` (8 tasks), `hyperprompt_demo` (3 tasks).
+  `hyperprompt_super_glue` (8 tasks), `hyperprompt_demo` (3 tasks),
+  `hyperprompt_demo_conflict` (6 tasks that conflict on the same inputs).
 
 Task ids. `task_names(name) -> list[str]` is a mixture's fixed task order;
 the task id of a task is its index there (a single task: `[name]`, id 0).

@@ -13,6 +13,10 @@ occur, not where: the tiny byte model of gin/demo.gin (emb 64, 2+2 layers)
 learns each of them alone to 100% validation accuracy in about 100 steps of
 batch 64 on 2 CPU cores, while position tasks ("first letter", "last letter",
 "length") stayed near chance after 300-600 steps, so they are not used.
+The harder mixture `hyperprompt_demo_conflict` (6 tasks whose answers
+conflict on every word: max, min, max_next, min_next, has_a, missing) reads
+the same words; see hyperprompt_t5x/synthetic_tasks.py, which holds the
+words and targets of both families (pure Python, for the benchmarks).
 The words are generated, not shipped: numpy's `RandomState(seed)` with a fixed
 seed per split (train 4096 words, validation 256, disjoint). Vocabulary:
 always `seqio.ByteVocabulary()` (`vocab.DEMO_VOCABULARY`); inputs are at most
@@ -20,52 +24,25 @@ always `seqio.ByteVocabulary()` (`vocab.DEMO_VOCABULARY`); inputs are at most
 """
 from typing import Callable, Dict, List
 
-import numpy as np
 import seqio
 import tensorflow as tf
 
 from . import metrics
 from . import postprocessors
 from . import vocab
+from hyperprompt_t5x import synthetic_tasks
 
 PREFIX = 'hyperprompt_demo_'
-ALPHABET = 'abcdefgh'
-MIN_LEN, MAX_LEN = 3, 7
-SPLIT_SIZES = {'train': 4096, 'validation': 256}
-_SPLIT_SEEDS = {'train': 0, 'validation': 1}
-
-TARGET_FNS: Dict[str, Callable[[str], str]] = {
-    'max': max,
-    'min': min,
-    'has_a': lambda w: 'y' if 'a' in w else 'n',
-}
+CONFLICT_PREFIX = 'hyperprompt_demo_conflict_'
+ALPHABET = synthetic_tasks.ALPHABET
+SPLIT_SIZES = synthetic_tasks.SPLIT_SIZES
+TARGET_FNS: Dict[str, Callable[[str], str]] = synthetic_tasks.DEMO_TARGETS
 MIXTURE_TASKS: List[str] = list(TARGET_FNS)
+CONFLICT_TASKS: List[str] = list(synthetic_tasks.CONFLICT_TARGETS)
+words = synthetic_tasks.words
 
 
-def _random_words(seed: int, n: int, exclude=frozenset()) -> List[str]:
-  rng = np.random.RandomState(seed)
-  words, seen = [], set(exclude)
-  while len(words) < n:
-    length = rng.randint(MIN_LEN, MAX_LEN + 1)
-    word = ''.join(ALPHABET[i] for i in rng.randint(0, len(ALPHABET), size=length))
-    if word not in seen and len(set(word)) > 1:  # max != min
-      seen.add(word)
-      words.append(word)
-  return words
-
-
-def words(split: str) -> List[str]:
-  """The split's words; validation excludes every training word."""
-  if split not in SPLIT_SIZES:
-    raise ValueError(f'demo tasks have splits {list(SPLIT_SIZES)}, not {split!r}')
-  train = _random_words(_SPLIT_SEEDS['train'], SPLIT_SIZES['train'])
-  if split == 'train':
-    return train
-  return _random_words(_SPLIT_SEEDS[split], SPLIT_SIZES[split], exclude=frozenset(train))
-
-
-def _dataset_fn(task: str):
-  target_fn = TARGET_FNS[task]
+def _dataset_fn(target_fn: Callable[[str], str]):
 
   def dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
     del shuffle_files, seed  # one in-memory "file"; the Task shuffles examples
@@ -76,11 +53,12 @@ def _dataset_fn(task: str):
 
 
 def register() -> List[str]:
-  """(Re-)registers the demo tasks (byte vocabulary); returns their names."""
+  """(Re-)registers the demo and conflict tasks (byte vocabulary); returns their names."""
+  families = ((PREFIX, TARGET_FNS), (CONFLICT_PREFIX, synthetic_tasks.CONFLICT_TARGETS))
   return [vocab.register_text_task(
-      PREFIX + task, vocab.DEMO_VOCABULARY,
-      source=seqio.FunctionDataSource(_dataset_fn(task), splits=list(SPLIT_SIZES),
+      prefix + task, vocab.DEMO_VOCABULARY,
+      source=seqio.FunctionDataSource(_dataset_fn(fn), splits=list(SPLIT_SIZES),
                                       num_input_examples=dict(SPLIT_SIZES)),
       preprocessors=[], postprocess_fn=postprocessors.identity_text,
-      metric_fns=[metrics.accuracy], task_id=MIXTURE_TASKS.index(task),
-      num_tasks=len(MIXTURE_TASKS)) for task in MIXTURE_TASKS]
+      metric_fns=[metrics.accuracy], task_id=list(targets).index(task),
+      num_tasks=len(targets)) for prefix, targets in families for task, fn in targets.items()]

@@ -6,6 +6,7 @@ fixed here (never sorted or derived from the registry):
 * `hyperprompt_glue`: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte (0..7)
 * `hyperprompt_super_glue`: boolq, cb, copa, multirc, record, rte, wic, wsc (0..7)
 * `hyperprompt_demo`: max, min, has_a (0..2)
+* `hyperprompt_demo_conflict`: max, min, max_next, min_next, has_a, missing (0..5)
 
 A task used on its own has task id 0. The MNLI evaluation tasks
 (`hyperprompt_glue_mnli_matched` / `_mismatched`) take MNLI's id. Mixing rates
@@ -24,6 +25,7 @@ from . import super_glue
 GLUE = 'hyperprompt_glue'
 SUPER_GLUE = 'hyperprompt_super_glue'
 DEMO = 'hyperprompt_demo'
+DEMO_CONFLICT = 'hyperprompt_demo_conflict'
 
 
 class _Temperature:
@@ -42,6 +44,8 @@ def _counts(mixture: str) -> Dict[str, int]:
     return glue.mixing_counts()
   if mixture == SUPER_GLUE:
     return super_glue.mixing_counts()
+  if mixture == DEMO_CONFLICT:
+    return {demo.CONFLICT_PREFIX + t: 1 for t in demo.CONFLICT_TASKS}
   return {demo.PREFIX + t: 1 for t in demo.MIXTURE_TASKS}
 
 
@@ -49,6 +53,7 @@ MIXTURE_TASKS: Mapping[str, List[str]] = {
     GLUE: [glue.PREFIX + t for t in glue.MIXTURE_TASKS],
     SUPER_GLUE: [super_glue.PREFIX + t for t in super_glue.MIXTURE_TASKS],
     DEMO: [demo.PREFIX + t for t in demo.MIXTURE_TASKS],
+    DEMO_CONFLICT: [demo.CONFLICT_PREFIX + t for t in demo.CONFLICT_TASKS],
 }
 
 # Evaluation stand-ins: a training task -> the tasks that evaluate it (same id).
@@ -68,7 +73,7 @@ def _rate_fn(mixture: str):
 
 
 def register() -> List[str]:
-  """(Re-)registers the three mixtures with seqio (after their tasks)."""
+  """(Re-)registers the mixtures with seqio (after their tasks)."""
   for name, tasks in MIXTURE_TASKS.items():
     seqio.MixtureRegistry.remove(name)
     seqio.MixtureRegistry.add(name, [(t, _rate_fn(name)) for t in tasks])
