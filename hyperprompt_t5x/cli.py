@@ -5,6 +5,7 @@
       --gin.INITIAL_CHECKPOINT_PATH=gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000
   t5x eval  --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
   t5x infer --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
+  t5x analyze --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo   (attention mass on prompts)
   t5x params --gin_file=hyperprompt_base.gin [--json]
 
 Flags as T5X's: `--gin_file` (repeatable; as given, else under `--gin_search_paths`,
@@ -24,8 +25,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ('train', 'eval', 'infer', 'params')
-_CONFIGURABLE = {'train': 'train', 'eval': 'evaluate', 'infer': 'infer'}
+COMMANDS = ('train', 'eval', 'infer', 'analyze', 'params')
+_CONFIGURABLE = {'train': 'train', 'eval': 'evaluate', 'infer': 'infer', 'analyze': 'analyze'}
 _JAX_PLATFORM = {'cpu': 'cpu', 'gpu': 'cuda', 'tpu': 'tpu'}
 
 

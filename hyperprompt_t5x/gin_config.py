@@ -28,6 +28,7 @@ _CONFIGURABLES = {
     'train': ('hyperprompt_t5x.trainer', 'train'),
     'evaluate': ('hyperprompt_t5x.evaluation', 'evaluate'),
     'infer': ('hyperprompt_t5x.evaluation', 'infer'),
+    'analyze': ('hyperprompt_t5x.analysis', 'analyze'),
 }
 _REGISTERED: dict[str, Any] = {}
 _DTYPES = ('float32', 'bfloat16', 'float16')

@@ -268,6 +268,19 @@ def _mask_to_bias(mask: Optional[Array], bias: Optional[Array], dtype: DType
   return out
 
 
+def attention_weights(query: Array, key: Array, bias: Optional[Array],
+                      float32_logits: bool, dtype: DType) -> Array:
+  """softmax(q kᵀ + bias): [batch, q, heads, kv] x [batch, k, heads, kv] -> [batch, heads, q, k]."""
+  # float32 logits from the operands as they are: products of bf16 numbers are
+  # exact in float32, so this equals casting q, k first, at the bf16 matmul rate.
+  logits_dtype = jnp.float32 if float32_logits else None
+  # [batch, q, heads, kv] x [batch, k, heads, kv] -> [batch, heads, q, k]
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=logits_dtype)
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, logits.dtype)
+  return jax.nn.softmax(logits).astype(dtype)
+
+
 def dot_product_attention(query: Array, key: Array, value: Array,
                           bias: Optional[Array] = None, dropout_rng=None,
                           dropout_rate: float = 0., deterministic: bool = False,
@@ -300,14 +313,7 @@ def dot_product_attention(query: Array, key: Array, value: Array,
         implementation='cudnn' if impl == 'cudnn' else None)
     return jnp.asarray(out, dtype)
 
-  # float32 logits from the operands as they are: products of bf16 numbers are
-  # exact in float32, so this equals casting q, k first, at the bf16 matmul rate.
-  logits_dtype = jnp.float32 if float32_logits else None
-  # [batch, q, heads, kv] x [batch, k, heads, kv] -> [batch, heads, q, k]
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=logits_dtype)
-  if bias is not None:
-    logits = logits + jnp.asarray(bias, logits.dtype)
-  weights = jax.nn.softmax(logits).astype(dtype)
+  weights = attention_weights(query, key, bias, float32_logits, dtype)
   if use_dropout:
     keep_prob = 1.0 - dropout_rate
     # Broadcast over queries (T5X's broadcast_dropout=True).
@@ -326,6 +332,10 @@ class MultiHeadDotProductAttention(nn.Module):
   Attributes:
     num_heads, head_dim: H and K; projections are [embed, H*K] ('embed', 'joined_kv').
     attention_impl: see `dot_product_attention`.
+    prefix_columns: leading key columns that are prompts without prompt_key
+      (prompt tuning's prefix); with prompt_key, its l columns are the prompts.
+      With the 'intermediates' collection mutable, the attention mass on the
+      prompt columns is sown as `prompt_mass` [batch, heads, q].
   """
   num_heads: int
   head_dim: int
@@ -334,6 +344,7 @@ class MultiHeadDotProductAttention(nn.Module):
   kernel_init: Initializer = attention_kernel_init
   float32_logits: bool = False
   attention_impl: str = 'xla'
+  prefix_columns: int = 0
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
@@ -416,6 +427,13 @@ class MultiHeadDotProductAttention(nn.Module):
 
     bias_dtype = jnp.float32 if self.float32_logits else self.dtype
     attention_bias = _mask_to_bias(mask, bias, bias_dtype)
+    num_prompt_columns = self.prefix_columns if prompt_key is None else prompt_key.shape[1]
+    if num_prompt_columns and self.is_mutable_collection('intermediates'):
+      # Only when asked for (analysis.py): the attention mass on the prompt
+      # columns, [batch, heads, q, k] -> [batch, heads, q] (float32).
+      weights = attention_weights(query, key, attention_bias, True, jnp.float32)
+      self.sow('intermediates', 'prompt_mass',
+               jnp.sum(weights[..., :num_prompt_columns], axis=-1))
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.:
       dropout_rng = self.make_rng('dropout')

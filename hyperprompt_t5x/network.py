@@ -213,10 +213,12 @@ def _residual(cfg: T5Config, inputs, norm_name: str, sublayer, *, deterministic:
 
 
 def _attention(cfg: T5Config, name: str) -> layers.MultiHeadDotProductAttention:
+  # Prompt tuning's prefix: the first l keys of encoder self- and cross-attention.
+  prefix = cfg.prompt_length if cfg.method == 'prompt_tuning' and name != 'self_attention' else 0
   return layers.MultiHeadDotProductAttention(
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
       dropout_rate=cfg.attention_dropout, float32_logits=cfg.float32_attention_logits,
-      attention_impl=cfg.attention_impl, name=name)
+      attention_impl=cfg.attention_impl, prefix_columns=prefix, name=name)
 
 
 def _mlp(cfg: T5Config, deterministic: bool):

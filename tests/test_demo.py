@@ -68,3 +68,17 @@ def test_eval_and_infer_commands(demo_run, tmp_path, capsys):
   assert answers['hyperprompt_demo_max'] == max(word)
   assert answers['hyperprompt_demo_min'] == min(word)
   assert cli.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}']) == 2  # no overwrite
+
+
+def test_analyze_command_writes_attention_mass(demo_run, capsys):
+  common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={demo_run}']
+  assert cli.main(['analyze', *common, '--gin.EVAL_MAX_EXAMPLES=20']) == 0
+  out = json.loads((demo_run / 'analysis' / 'attention_mass.json').read_text())
+  assert sorted(out) == ['hyperprompt_demo_has_a', 'hyperprompt_demo_max',
+                         'hyperprompt_demo_min']
+  for entry in out.values():
+    assert entry['num_examples'] == 20
+    for kind in ('encoder', 'decoder'):  # demo.gin: global, encoder + decoder prompts
+      assert len(entry[kind]) == 2 and all(0.0 <= x <= 1.0 for x in entry[kind])
+      assert len(entry['per_head'][kind][0]) == 4
+  assert (demo_run / 'analysis' / 'attention_mass.png').stat().st_size > 1000
