@@ -364,8 +364,9 @@ def parse_args(argv=None):
   p.add_argument('--pretrain_steps', type=int, default=200)
   p.add_argument('--glue_steps', type=int, default=0, help='0: skip the GLUE part')
   p.add_argument('--glue_inputs_len', type=int, default=128)
-  p.add_argument('--data_dir', default=None,
-                 help='the GLUE/SuperGLUE folder (../shared/data of the repo)')
+  p.add_argument('--data_dir', default=os.environ.get(
+      'HYPERPROMPT_SHARED_DATA', str(_REPO.parent / 'shared' / 'data')),
+                 help='folder holding glue/ and super_glue/ (default ../shared/data)')
   args = p.parse_args(argv)
   args.methods = [m for m in args.methods.split(',') if m]
   unknown = sorted(set(args.methods) - set(METHODS))

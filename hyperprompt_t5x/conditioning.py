@@ -27,10 +27,12 @@ l = prompt_length, b = bottleneck, t' = task_embed_dim, t = layer_task_dim:
 
 Initialisation (so that prompt key/value norms at step 0 are comparable to
 the real ones, whose elements are ~N(0, 1) on a random-init T5): P_τ and all
-embeddings ~N(0, 1); D, U fan-in scaled (var 1/d, 1/b); h's second layer
-He-scaled so I has unit variance; the Global hypernetworks are scaled so the
-*generated* D, U have variance 1/d and 1/b. Prompt elements then have
-variance ~0.5 (ratio of norms ~0.7); tests check the ratio stays in 0.1x-10x.
+embeddings ~N(0, 1); D fan-in scaled (var 1/d), U He-scaled (var 2/b: the
+ReLU halves the hidden's second moment); h's second layer He-scaled so I has
+unit variance; the Global hypernetworks are scaled so the *generated* D, U
+have variance 1/d and 2/b. Prompt elements then have variance ~1 (ratio of
+norms ~1 at random init, tested in 0.5-2x). On a restored backbone the
+trainer rescales U at step 0 (prompt_scale.py).
 Generated weights are used as is: no normalisation at call time.
 
 Multi-task prompt tuning: `prompts` [T, l, d] prepended to the encoder input
@@ -158,7 +160,7 @@ class TaskConditioning(nn.Module):
             f'{name}_down', _stacked_fan_in(1.0, 1), (num_m, d, b), jnp.float32,
             axes=('hyper_blocks', 'embed', 'hyper_bottleneck'))
         up = layers.param_with_axes(
-            f'{name}_up', _stacked_fan_in(1.0, 1), (num_m, b, d_kv), jnp.float32,
+            f'{name}_up', _stacked_fan_in(2.0, 1), (num_m, b, d_kv), jnp.float32,
             axes=('hyper_blocks', 'hyper_bottleneck', 'joined_kv'))
         # Shared by tasks: [M, ...] -> [M, 1, ...] (broadcast in the einsums)
         down, up = down[:, None], up[:, None]
@@ -171,7 +173,7 @@ class TaskConditioning(nn.Module):
             f'{name}_down', _stacked_fan_in(1.0, 2), (num_t, num_m, d, b), jnp.float32,
             axes=('tasks', 'hyper_blocks', 'embed', 'hyper_bottleneck'))
         up = layers.param_with_axes(
-            f'{name}_up', _stacked_fan_in(1.0, 2), (num_t, num_m, b, d_kv), jnp.float32,
+            f'{name}_up', _stacked_fan_in(2.0, 2), (num_t, num_m, b, d_kv), jnp.float32,
             axes=('tasks', 'hyper_blocks', 'hyper_bottleneck', 'joined_kv'))
         # [T, M, ...] -> [M, T, ...]
         down, up = jnp.swapaxes(down, 0, 1), jnp.swapaxes(up, 0, 1)
@@ -186,11 +188,11 @@ class TaskConditioning(nn.Module):
         t = cfg.layer_task_dim
         extra_down = b if cfg.hyper_bias else 0
         extra_up = d_kv if cfg.hyper_bias else 0
-        # Scaled so generated D ~ var 1/d and U ~ var 1/b (I has unit variance).
+        # Scaled so generated D ~ var 1/d and U ~ var 2/b (I has unit variance).
         gen_down = Linear(d * b + extra_down, cfg.hyper_bias, ('layer_task', 'hyper_generated'),
                           normal_init(1.0 / np.sqrt(t * d)), name=f'hyper_{name}_down')(layer_task)
         gen_up = Linear(b * d_kv + extra_up, cfg.hyper_bias, ('layer_task', 'hyper_generated'),
-                        normal_init(1.0 / np.sqrt(t * b)), name=f'hyper_{name}_up')(layer_task)
+                        normal_init(np.sqrt(2.0 / (t * b))), name=f'hyper_{name}_up')(layer_task)
         # [M, T, d*b (+b)] -> [M, T, d, b] (+ [M, T, b])
         down = gen_down[..., :d * b].reshape(num_m, num_t, d, b)
         up = gen_up[..., :b * d_kv].reshape(num_m, num_t, b, d_kv)

@@ -335,7 +335,8 @@ class MultiHeadDotProductAttention(nn.Module):
     prefix_columns: leading key columns that are prompts without prompt_key
       (prompt tuning's prefix); with prompt_key, its l columns are the prompts.
       With the 'intermediates' collection mutable, the attention mass on the
-      prompt columns is sown as `prompt_mass` [batch, heads, q].
+      prompt columns is sown as `prompt_mass` [batch, heads, q], and with
+      prompt_key the per-head key/value norms as `key_norms`/`value_norms`.
   """
   num_heads: int
   head_dim: int
@@ -434,6 +435,10 @@ class MultiHeadDotProductAttention(nn.Module):
       weights = attention_weights(query, key, attention_bias, True, jnp.float32)
       self.sow('intermediates', 'prompt_mass',
                jnp.sum(weights[..., :num_prompt_columns], axis=-1))
+      if prompt_key is not None:
+        # prompt_scale.py: per-head norms [batch, l + k, heads] of prompt and real keys/values.
+        for name, t in (('key_norms', key), ('value_norms', value)):
+          self.sow('intermediates', name, jnp.linalg.norm(jnp.asarray(t, jnp.float32), axis=-1))
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.:
       dropout_rng = self.make_rng('dropout')

@@ -527,12 +527,16 @@ def random_params(config: T5Config, seed: int = 0) -> Dict[str, Any]:
       std = 0.5
     elif parent in gen_fan:
       std = 1.0 / np.sqrt(shape[0] * gen_fan[parent])
+      if parent in ('hyper_key_up', 'hyper_value_up'):
+        std *= np.sqrt(2.0)  # He-scaled U (conditioning.py)
     elif parent in gen_small:
       std = gen_small[parent] / np.sqrt(shape[0])
     else:  # kernels [..., in, out]
       std = 1.0 / np.sqrt(shape[-2])
       if parent == 'query':
         std /= np.sqrt(cfg.head_dim)
+      if name in ('key_up', 'value_up'):
+        std *= np.sqrt(2.0)  # He-scaled U (conditioning.py)
     return (rng.standard_normal(shape) * std).astype(np.float32)
 
   host = jax.tree_util.tree_map_with_path(leaf, flax.core.unfreeze(param_shapes(config)))

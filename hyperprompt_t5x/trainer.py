@@ -139,6 +139,23 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
   return run, inputs, step_fn
 
 
+def _calibrate_prompt_scale(model_config, state, batch, mesh):
+  """Step 0 from a restored backbone: log prompt/real k/v norm ratios, rescale U to 1."""
+  from hyperprompt_t5x import partitioning, prompt_scale  # pylint: disable=g-import-not-at-top
+  sharded = partitioning.shard_batch(batch, mesh)
+  ratios_fn = jax.jit(lambda p, b: prompt_scale.norm_ratios(model_config, p, b))
+  before = ratios_fn(state.params, sharded)
+  if not before:
+    return state
+  params = jax.jit(lambda p, r: prompt_scale.calibrate(model_config, p, r))(state.params, before)
+  params = jax.device_put(params, jax.tree_util.tree_map(lambda x: x.sharding, state.params))
+  after = ratios_fn(params, sharded)
+  log('prompt/real key-value norm ratio per block on the first batch: '
+      f'{prompt_scale.format_ratios(before)}; after rescaling U: '
+      f'{prompt_scale.format_ratios(after)}')
+  return state.replace(params=params)
+
+
 def _train(*, model_dir, model_config, mixture_or_task_name, **kwargs) -> dict:
   """Checks the mixture, then trains while holding MODEL_DIR (model_dir_lock.py)."""
   from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
@@ -201,6 +218,8 @@ def _train_holding_model_dir(
       for step in range(start, train_steps):
         batch = next(inputs.batches)
         network.check_task_ids(batch['task_ids'], model_config.num_tasks)
+        if step == 0 and initial_checkpoint_path:
+          state = _calibrate_prompt_scale(model_config, state, batch, run.mesh)
         state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
         pending.add(step, metrics)
         done = step + 1
