@@ -20,7 +20,8 @@ def _hand_encoder_mass(cfg, params, enc, ids):
   p = jax.tree_util.tree_map(np.asarray, params)
   prompts = conditioning.TaskConditioning(cfg).apply(
       {'params': params[network.CONDITIONING_KEY]}, ids)['encoder']
-  pk = np.asarray(prompts[0][0])  # [batch, l, heads, head_dim]
+  # [layers, T, l, heads, head_dim] -> layer 0, each example's task: [batch, l, heads, head_dim]
+  pk = np.asarray(prompts[0][0])[np.asarray(ids)]
   x = p['token_embedder']['embedding'][np.asarray(enc)]
   layer = p['encoder']['layers_0']
   x = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)
