@@ -134,6 +134,7 @@ def plot(results: Mapping[str, Mapping[str, Any]], path: str) -> None:
         ax.plot(range(1, len(r[kind]) + 1), r[kind], marker='o', label=task)
     ax.set_title({'encoder': 'encoder self-attention', 'decoder': 'decoder self-attention',
                   'cross': 'cross-attention'}[kind])
+    ax.set_xticks(range(1, 1 + max(len(r.get(kind) or []) for r in results.values())))
     ax.set_xlabel('layer')
     ax.set_ylabel('attention mass on prompts')
     ax.set_ylim(0, 1)
