@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -124,21 +125,65 @@ def predict_task(decoder: Decoder, vocabulary, params, eval_set: TaskEvalSet) ->
   return predictions
 
 
+_SHORT_METRIC = {'accuracy': 'acc', 'matthews_corrcoef': 'mcc', 'pearson_corrcoef': 'pearson',
+                 'spearman_corrcoef': 'spearman', 'mean_3class_f1': 'f1', 'macro_f1': 'f1',
+                 'exact_match': 'em'}
+TABLE_WIDTH = 80
+
+
+def _fit(text: str, width: int) -> str:
+  return text if len(text) <= width else text[:width - 1] + '~'
+
+
+def short_task_names(names) -> tuple[str, dict]:
+  """(prefix, name -> name without it): the `_`-ended prefix every task name shares."""
+  names = list(names)
+  prefix = os.path.commonprefix(names) if len(names) > 1 else ''
+  prefix = prefix[:prefix.rfind('_') + 1]
+  return prefix, {n: n[len(prefix):] for n in names}
+
+
 def format_table(results: Mapping[str, Mapping[str, float]],
                  best: Optional[Mapping[str, Any]] = None) -> str:
-  """Per-task metric table (and best step/score when `best` is given)."""
-  lines = [f'{"task":<40} {"metrics":<44} {"score":>7}' + (
-      f' {"best":>7} {"@step":>7}' if best else '')]
+  """Per-task metric table (and best step/score when `best` is given), <= 80 columns.
+
+  Task names lose the prefix they all share (named on the first line).
+  """
+  prefix, shown = short_task_names(results)
+  texts = {n: ', '.join(f'{_SHORT_METRIC.get(k, k)} {v:.2f}' for k, v in m.items())
+           for n, m in results.items()}
+  tail = 8 + (16 if best else 0)  # ' score' (8), ' best' (8) ' @step' (8)
+  name_w = min(max([len('average')] + [len(v) for v in shown.values()]), 28)
+  metrics_w = max(len('metrics'), min(max([0] + [len(t) for t in texts.values()]),
+                                      TABLE_WIDTH - name_w - 1 - tail))
+  lines = [f'tasks {prefix}*'] if prefix else []
+  lines.append(f'{"task":<{name_w}} {"metrics":<{metrics_w}} {"score":>7}' + (
+      f' {"best":>7} {"@step":>7}' if best else ''))
   for name, metrics in results.items():
-    text = ', '.join(f'{k} {v:.2f}' for k, v in metrics.items())
-    line = f'{name:<40} {text:<44} {task_score(metrics):>7.2f}'
+    line = (f'{_fit(shown[name], name_w):<{name_w}} {_fit(texts[name], metrics_w):<{metrics_w}}'
+            f' {task_score(metrics):>7.2f}')
     if best and name in best.get('tasks', {}):
       line += f' {best["tasks"][name]["score"]:>7.2f} {best["tasks"][name]["step"]:>7}'
     lines.append(line)
   avg = float(np.mean([task_score(m) for m in results.values()])) if results else float('nan')
-  lines.append(f'{"average":<40} {"":<44} {avg:>7.2f}' + (
+  lines.append(f'{"average":<{name_w}} {"":<{metrics_w}} {avg:>7.2f}' + (
       f' {best["average"]:>7.2f}' if best and 'average' in best else ''))
-  return '\n'.join(lines)
+  return '\n'.join(line.rstrip() for line in lines)
+
+
+def read_best(model_dir: str) -> Optional[dict]:
+  """MODEL_DIR/best.json (per task: best step, score, metrics), or None."""
+  path = os.path.join(model_dir, BEST_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def format_best_table(best: Mapping[str, Any]) -> str:
+  """best.json as the per-task table: the best metrics, their step and the average."""
+  results = {name: entry.get('metrics', {}) for name, entry in best.get('tasks', {}).items()}
+  return format_table(results, best)
 
 
 class Evaluator:
@@ -159,11 +204,7 @@ class Evaluator:
     self.best = self._read_best()
 
   def _read_best(self) -> dict:
-    path = os.path.join(self.model_dir, BEST_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-    return {'tasks': {}}
+    return read_best(self.model_dir) or {'tasks': {}}
 
   def predictions(self, params) -> dict:
     """task -> (inputs, targets, predictions)."""
@@ -181,6 +222,7 @@ class Evaluator:
 
   def run(self, params, step: int, logger=None) -> dict:
     """Scores `params` at `step`; logs them and updates best.json."""
+    t0 = time.perf_counter()
     results = self.scores(params)
     self.last = results
     flat = {f'{self.split}/{task}/{metric}': value
@@ -191,8 +233,11 @@ class Evaluator:
       logger.write(step, flat)
     self.update_best(step, results)
     if jax.process_index() == 0:
-      print(f'eval at step {step}: ' + ', '.join(
-          f'{name} {task_score(m):.2f}' for name, m in results.items()), flush=True)
+      _, short = short_task_names(results)
+      print(f'eval at step {step} ({time.perf_counter() - t0:.1f} s): average '
+            f'{flat[f"{self.split}/average_score"]:.2f}; ' + ', '.join(
+                f'{short[name]} {task_score(m):.2f}' for name, m in results.items()),
+            flush=True)
     return results
 
   def update_best(self, step: int, results: Mapping[str, Mapping[str, float]]) -> None:

@@ -117,14 +117,13 @@ class MetricsLogger:
     return (int(step), tuple(kind)) in self._logged
 
   def progress(self, step: int, total: int, loss: float, lr: float, steps_per_sec: float,
-               tokens_per_sec: float) -> None:
-    """One line: step, loss, learning rate, steps/s, tokens/s, ETA."""
+               tokens_per_sec: float, eta_seconds: float) -> None:
+    """One line (< 80 columns): step, loss, learning rate, steps/s, tokens/s, ETA."""
     if not self.is_chief:
       return
-    eta = (total - step) / steps_per_sec if steps_per_sec > 0 else float('inf')
     print(f'step {step}/{total}  loss {loss:.4f}  lr {lr:.3g}  '
           f'{steps_per_sec:.2f} steps/s  {tokens_per_sec:,.0f} tokens/s  '
-          f'ETA {format_eta(eta)}', file=self.stream, flush=True)
+          f'ETA {format_eta(eta_seconds)}', file=self.stream, flush=True)
 
   def close(self) -> None:
     if self._writer is not None:
@@ -132,18 +131,45 @@ class MetricsLogger:
 
 
 class Throughput:
-  """Steps/s and tokens/s over the window since the last call."""
+  """Training-only steps/s and tokens/s: time spent saving or evaluating is left out.
+
+  A token is one position of the batch the model processes: tokens per step =
+  BATCH_SIZE x (inputs length + targets length) of TASK_FEATURE_LENGTHS, padding
+  included. The console, metrics.jsonl and TensorBoard all use this definition.
+  """
 
   def __init__(self, step: int):
     self._step = step
     self._time = time.perf_counter()
+    self._excluded = 0.0
+    self.steps = 0          # training steps and seconds since the start (for the ETA)
+    self.seconds = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (a save, an evaluation) out of the current window."""
+    self._excluded += seconds
 
   def rates(self, step: int, tokens_per_step: int) -> tuple[float, float]:
     now = time.perf_counter()
-    dt = max(now - self._time, 1e-9)
+    dt = max(now - self._time - self._excluded, 1e-9)
     steps = step - self._step
-    self._step, self._time = step, now
+    self._step, self._time, self._excluded = step, now, 0.0
+    self.steps += steps
+    self.seconds += dt
     return steps / dt, steps * tokens_per_step / dt
+
+  def average(self) -> float:
+    """Steps/s over every window so far (a steadier base for the ETA than one window)."""
+    return self.steps / self.seconds if self.seconds > 0 else 0.0
+
+
+def events_left(step: int, total: int, period: Optional[int]) -> int:
+  """Saves / evals still to come after `step`: every `period` steps and at `total`."""
+  if period is None or step >= total:
+    return 0
+  if period == 0:
+    return 1
+  return total // period - step // period + (1 if total % period else 0)
 
 
 class PendingMetrics:
@@ -164,16 +190,35 @@ class PendingMetrics:
 
 
 class TrainLog:
-  """The train metrics of each log window: metrics.jsonl, TensorBoard and the progress line."""
+  """The train metrics of each log window: metrics.jsonl, TensorBoard and the progress line.
+
+  The ETA is the remaining steps at the average training rate, plus the saves and
+  evaluations still to come at the duration of the last of each (`pause`).
+  """
 
   def __init__(self, logger: MetricsLogger, *, schedule, start_step: int, total_steps: int,
-               tokens_per_step: int):
+               tokens_per_step: int, periods: Optional[Mapping[str, Optional[int]]] = None):
     self.logger = logger
     self.schedule = schedule
     self.total_steps = total_steps
     self.tokens_per_step = tokens_per_step
     self.throughput = Throughput(start_step)
+    self.periods = dict(periods or {})
+    self._pause_seconds: dict = {}
     self.loss: Optional[float] = None
+
+  def pause(self, kind: str, seconds: float) -> None:
+    """A save or an evaluation took `seconds`: not training time."""
+    self.throughput.exclude(seconds)
+    self._pause_seconds[kind] = seconds
+
+  def eta(self, step: int) -> float:
+    rate = self.throughput.average()
+    if rate <= 0:
+      return float('inf')
+    pauses = sum(seconds * events_left(step, self.total_steps, self.periods.get(kind))
+                 for kind, seconds in self._pause_seconds.items())
+    return (self.total_steps - step) / rate + pauses
 
   def record(self, step: int, fetched: list) -> None:
     """Writes the mean of each scalar over `fetched` (the steps up to `step`)."""
@@ -183,9 +228,12 @@ class TrainLog:
     last = fetched[-1][1]
     window = {k: float(np.mean([np.asarray(m[k]) for _, m in fetched]))
               for k in last if np.ndim(last[k]) == 0}
+    # The step's non-padding target count is the loss's normaliser, not "tokens".
+    if 'num_tokens' in window:
+      window['target_tokens'] = window.pop('num_tokens')
     lr = window.get('learning_rate', float(self.schedule(step - 1)))
     self.logger.write(step, dict(window, learning_rate=lr, steps_per_sec=steps_per_sec,
                                  tokens_per_sec=tokens_per_sec))
     self.logger.progress(step, self.total_steps, window['loss'], lr, steps_per_sec,
-                         tokens_per_sec)
+                         tokens_per_sec, self.eta(step))
     self.loss = window['loss']

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Optional
 
+import numpy as np
+
 from hyperprompt_t5x.metrics_logging import is_chief, log
 
 CONFIG_FILE = 'config.gin'
@@ -22,8 +24,11 @@ _RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'dtype', 'remat_pol
 
 
 def config_dict(config) -> dict:
-  """The T5Config as JSON-ready values."""
-  return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+  """The T5Config as JSON-ready values (dtype by name: 'float32', 'bfloat16')."""
+  fields = dataclasses.asdict(config)
+  if 'dtype' in fields:
+    fields['dtype'] = np.dtype(fields['dtype']).name
+  return json.loads(json.dumps(fields, default=str))
 
 
 def check_model_dir_matches(model_dir: str, config) -> None:

@@ -109,8 +109,13 @@ def validate_feature_lengths(lengths: Any) -> dict:
   return dict(lengths)
 
 
-def mixture_tasks(mixture_or_task_name: str, config) -> tuple[list, Any]:
-  """Task names (index = task id) and the vocabulary; checks them against `config`."""
+def mixture_tasks(mixture_or_task_name: str, config,
+                  announce: bool = True) -> tuple[list, Any]:
+  """Task names (index = task id) and the vocabulary; checks them against `config`.
+
+  The first call for a mixture prints its task ids (`announce=False`: the caller
+  prints them itself).
+  """
   from hyperprompt_t5x import tasks  # pylint: disable=g-import-not-at-top
   names = list(tasks.task_names(mixture_or_task_name))
   if len(names) != config.num_tasks:
@@ -125,8 +130,9 @@ def mixture_tasks(mixture_or_task_name: str, config) -> tuple[list, Any]:
         f'model has vocab_size={config.vocab_size} (T5Config.vocab_size)')
   if mixture_or_task_name not in _ANNOUNCED:
     _ANNOUNCED.add(mixture_or_task_name)
-    log(f'Tasks of {mixture_or_task_name} (task id: name): '
-        + ', '.join(f'{i}: {n}' for i, n in enumerate(names)))
+    if announce:
+      log(f'Tasks of {mixture_or_task_name} (task id: name): '
+          + ', '.join(f'{i}: {n}' for i, n in enumerate(names)))
   return names, vocab
 
 

@@ -9,6 +9,7 @@ real step does not compile again.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -45,6 +46,7 @@ class TrainStepBuilder:
     self._rng = rng
     self.step_fn = None
     self.future: Optional[concurrent.futures.Future] = None
+    self.seconds: Optional[float] = None  # how long the compilation took
 
   def on_plan(self, plan) -> None:
     from hyperprompt_t5x import train_state  # pylint: disable=g-import-not-at-top
@@ -56,9 +58,11 @@ class TrainStepBuilder:
 
   def _compile(self, plan) -> None:
     from hyperprompt_t5x import train_state  # pylint: disable=g-import-not-at-top
+    t0 = time.perf_counter()
     state = train_state.abstract_with_shardings(plan.abstract_state, plan.shardings)
     batch = batch_spec(plan.mesh, self._batch_size, self._lengths)
     self.step_fn.jitted.lower(state, batch, self._rng).compile()
+    self.seconds = time.perf_counter() - t0
 
   def pending(self) -> list:
     """The compile future, if one is running (to wait for on a set-up error)."""

@@ -27,6 +27,7 @@ before anything non-finite is saved. What a run survives:
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from typing import Mapping, Optional
 
@@ -106,9 +107,54 @@ def train(*,
     jax.config.update('jax_default_prng_impl', previous_prng)
 
 
+def _finished_step(model_dir: str, train_steps: int, config) -> Optional[int]:
+  """The newest checkpoint step of MODEL_DIR when it is >= train_steps, else None.
+
+  Reads only directory names and model_config.json (no orbax, no compilation).
+  """
+  if not os.path.isdir(model_dir):
+    return None
+  steps = [int(name[len('checkpoint_'):]) for name in os.listdir(model_dir)
+           if name.startswith('checkpoint_') and name[len('checkpoint_'):].isdigit()]
+  if not steps or max(steps) < train_steps:
+    return None
+  model_dir_files.check_model_dir_matches(model_dir, config)
+  return max(steps)
+
+
+def _nothing_to_do(model_dir: str, step: int, train_steps: int, t0: float) -> dict:
+  """A finished MODEL_DIR: say so, reprint best.json's table; write nothing."""
+  from hyperprompt_t5x import evaluation  # pylint: disable=g-import-not-at-top
+  log(f'Nothing to do: {model_dir} is at step {step} >= TRAIN_STEPS {train_steps} '
+      '(raise --gin.TRAIN_STEPS to train further)')
+  best = evaluation.read_best(model_dir)
+  if best and best.get('tasks') and is_chief():
+    print(f'Best per task ({best.get("split", "validation")}), from '
+          f'{os.path.join(model_dir, evaluation.BEST_FILE)}:')
+    print(evaluation.format_best_table(best), flush=True)
+  return {'model_dir': model_dir, 'start_step': step, 'final_step': step,
+          'seconds': time.perf_counter() - t0, 'seconds_to_first_step': None,
+          'nothing_to_do': True}
+
+
+def _draw_plots(model_dir: str) -> None:
+  """MODEL_DIR/plots/*.png after training (a missing matplotlib is a note, not an error)."""
+  if not is_chief():
+    return
+  try:
+    from hyperprompt_t5x import plots  # pylint: disable=g-import-not-at-top
+    written = plots.draw(model_dir)
+  except ImportError as e:
+    log(f'note: no plots ({e}); pip install matplotlib, then: '
+        f'hyperprompt-t5x plot --gin.MODEL_DIR={model_dir}')
+    return
+  if written:
+    log(f'plots: {os.path.join(model_dir, plots.PLOTS_DIR)}/ ({len(written)} PNG files)')
+
+
 def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings, store,
             resume_step, batch_size, seed, shuffle, num_partitions, initial_checkpoint_path,
-            eval_split, eval_batch_size, eval_max_examples, rng):
+            eval_split, eval_batch_size, eval_max_examples, rng, on_plan):
   """(run, inputs, step_fn): the state, the pipelines and the compiled step, in parallel.
 
   The input pipelines are built and the train step compiles in worker threads
@@ -122,17 +168,27 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
         eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples)
     builder = step_compilation.TrainStepBuilder(
         pool, freeze=settings.freeze, batch_size=batch_size, lengths=lengths, rng=rng)
+
+    def plan_ready(plan) -> None:
+      on_plan(plan)
+      builder.on_plan(plan)
+      if builder.future is not None:
+        log('compiling the train step (while the parameters are '
+            f'{"restored" if resume_step is not None else "initialised"}) ...')
+
     try:
       run = run_setup.build_run(
           model_dir=model_dir, config=model_config,
           mixture_or_task_name=mixture_or_task_name, task_feature_lengths=lengths,
           settings=settings, num_partitions=num_partitions, seed=seed, store=store,
-          initial_checkpoint_path=initial_checkpoint_path, on_plan=builder.on_plan)
+          initial_checkpoint_path=initial_checkpoint_path, on_plan=plan_ready)
     except BaseException:
       concurrent.futures.wait([inputs_future] + builder.pending())
       raise
     inputs = inputs_future.result()
     step_fn = builder.result()
+    if builder.seconds is not None:
+      log(f'train step compiled in {builder.seconds:.1f} s')
   if run.start_step != (resume_step or 0):
     raise ValueError(f'{model_dir}/checkpoint_{resume_step} holds step {run.start_step}; '
                      'the checkpoint directory name and its contents disagree')
@@ -156,23 +212,30 @@ def _calibrate_prompt_scale(model_config, state, batch, mesh):
   return state.replace(params=params)
 
 
-def _train(*, model_dir, model_config, mixture_or_task_name, **kwargs) -> dict:
-  """Checks the mixture, then trains while holding MODEL_DIR (model_dir_lock.py)."""
+def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, t0,
+           **kwargs) -> dict:
+  """A finished MODEL_DIR answers at once; else checks the mixture and trains while
+  holding MODEL_DIR (model_dir_lock.py)."""
+  finished = _finished_step(model_dir, train_steps, model_config)
+  if finished is not None:
+    return _nothing_to_do(model_dir, finished, train_steps, t0)
   from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.maybe_initialize_distributed()
-  run_setup.mixture_tasks(mixture_or_task_name, model_config)
+  task_names, _ = run_setup.mixture_tasks(mixture_or_task_name, model_config, announce=False)
   with model_dir_lock.hold(model_dir, log):
     return _train_holding_model_dir(model_dir=model_dir, model_config=model_config,
-                                    mixture_or_task_name=mixture_or_task_name, **kwargs)
+                                    mixture_or_task_name=mixture_or_task_name,
+                                    train_steps=train_steps, t0=t0, task_names=task_names,
+                                    **kwargs)
 
 
 def _train_holding_model_dir(
     *, model_dir, model_config, mixture_or_task_name, train_steps, batch_size,
     initial_checkpoint_path, save_period, keep_checkpoints, eval_period, eval_split,
     eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle,
-    tensorboard, config_str, lengths, settings, t0, **unused) -> dict:
+    tensorboard, config_str, lengths, settings, t0, task_names, **unused) -> dict:
   """The body of `train` (arguments validated, MODEL_DIR held)."""
-  from hyperprompt_t5x import evaluation, network, partitioning, train_state  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import evaluation, network, partitioning, run_summary, train_state  # pylint: disable=g-import-not-at-top
   store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
   eval_batch_size = eval_batch_size or batch_size
   rng = jax.random.PRNGKey(seed)  # dropout key: fold_in(rng, step) inside the step
@@ -186,7 +249,11 @@ def _train_holding_model_dir(
           shuffle=shuffle, num_partitions=num_partitions,
           initial_checkpoint_path=initial_checkpoint_path,
           eval_split=eval_split if eval_period is not None else None,
-          eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, rng=rng)
+          eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, rng=rng,
+          on_plan=lambda plan: log(run_summary.describe(
+              plan, model_config, freeze=settings.freeze, mixture=mixture_or_task_name,
+              task_names=task_names, batch_size=batch_size, lengths=lengths,
+              train_steps=train_steps, start_step=resume_step, model_dir=model_dir)))
       break
     except train_state.CheckpointCorruptError as e:
       if resume_step is None:
@@ -207,7 +274,8 @@ def _train_holding_model_dir(
   pending = metrics_logging.PendingMetrics()
   train_log = metrics_logging.TrainLog(
       logger, schedule=run.schedule, start_step=start, total_steps=train_steps,
-      tokens_per_step=batch_size * (lengths['inputs'] + lengths['targets']))
+      tokens_per_step=batch_size * (lengths['inputs'] + lengths['targets']),
+      periods={'save': save_period, 'eval': eval_period})
   state = run.state
   seconds_to_first_step = None
   if evaluator is not None and checkpoint_saving.eval_missing(
@@ -237,9 +305,16 @@ def _train_holding_model_dir(
           divergence.check_losses(fetched, saver.last_good, model_dir)
           train_log.record(done, fetched)
         if save_now:
+          jax.block_until_ready(state)  # the step's own time stays in the training window
+          t = time.perf_counter()
           saver.save(done, state)
+          train_log.pause('save', time.perf_counter() - t)
+          log(f'saved checkpoint_{done} ({time.perf_counter() - t:.1f} s)')
         if eval_now:
+          jax.block_until_ready(state)
+          t = time.perf_counter()
           evaluator.run(state.params, done, logger)
+          train_log.pause('eval', time.perf_counter() - t)
         if signum:
           raise preemption.TrainingInterrupted(signum, done)
       if start >= train_steps:
@@ -257,6 +332,7 @@ def _train_holding_model_dir(
     summary['eval'] = evaluator.last
     if is_chief():
       print(evaluation.format_table(evaluator.last, evaluator.best), flush=True)
+  _draw_plots(model_dir)
   first = (f', first step after {seconds_to_first_step:.1f} s'
            if seconds_to_first_step is not None else '')
   log(f'Done: step {summary["final_step"]} in {summary["seconds"]:.1f} s{first}; '
