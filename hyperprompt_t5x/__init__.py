@@ -1,7 +1,18 @@
 """HyperPrompt for T5 1.1 in JAX/Flax, T5X-compatible.
 
 Importing this package pulls in no TensorFlow, seqio or gin: the model, the
-train step and the benchmarks run where only JAX is installed.
+train step and the benchmarks run where only JAX is installed. `load` (a
+trained run as a Python object) imports them when called.
 """
 
 __version__ = '0.1.0'
+
+
+def load(model_dir: str, checkpoint_step=None):
+  """A trained run, restored: `.predict(texts, task=...)`, `.score(texts, targets, task=...)`.
+
+  `model_dir`: a MODEL_DIR written by `hyperprompt-t5x train` (its newest
+  checkpoint) or MODEL_DIR/checkpoint_<step>. See `hyperprompt_t5x.predictor`.
+  """
+  from hyperprompt_t5x import predictor  # pylint: disable=g-import-not-at-top
+  return predictor.load(model_dir, checkpoint_step)

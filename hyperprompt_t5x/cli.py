@@ -1,4 +1,4 @@
-"""`hyperprompt-t5x` (alias `t5x`): train | eval | infer | params, configured like T5X.
+"""`hyperprompt-t5x` (alias `t5x`): train | eval | infer | params | plot, configured like T5X.
 
   t5x train --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
   t5x train --gin_file=hyperprompt_base.gin --gin.MODEL_DIR=gs://... \\
@@ -6,15 +6,19 @@
   t5x eval  --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
   t5x infer --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
   t5x analyze --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo   (attention mass on prompts)
+  t5x infer --gin.MODEL_DIR=/tmp/demo --input_file=words.txt --task=hyperprompt_demo_max
   t5x params --gin_file=hyperprompt_base.gin [--json]
+  t5x plot  --gin.MODEL_DIR=/tmp/demo
+  t5x train --help       (the macros of a command, their defaults and meanings)
 
 Flags as T5X's: `--gin_file` (repeatable; as given, else under `--gin_search_paths`,
 else in the installed gin folder), `--gin.NAME=value` (a macro, or with a dot a
 parameter binding; values that are not Python literals are taken as strings),
 `--gin_bindings` (raw gin lines). `--platform cpu|gpu|tpu` picks the JAX backend
 before any backend starts; if it cannot start, the run falls back to CPU with a
-warning. Configuration errors exit with status 2 and one line on stderr
-(HYPERPROMPT_TRACEBACK=1 shows the traceback).
+warning. Usage and configuration errors exit with status 2 and one line on
+stderr (HYPERPROMPT_TRACEBACK=1 shows the traceback). TensorFlow (the input
+pipelines) is imported quietly and kept off the GPUs.
 """
 from __future__ import annotations
 
@@ -22,17 +26,22 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ('train', 'eval', 'infer', 'analyze', 'params')
+COMMANDS = ('train', 'eval', 'infer', 'analyze', 'params', 'plot')
 _CONFIGURABLE = {'train': 'train', 'eval': 'evaluate', 'infer': 'infer', 'analyze': 'analyze'}
 _JAX_PLATFORM = {'cpu': 'cpu', 'gpu': 'cuda', 'tpu': 'tpu'}
 
 
-def _parser() -> argparse.ArgumentParser:
+class UsageError(ValueError):
+  """A command line the CLI cannot run (exit status 2)."""
+
+
+def _parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog='hyperprompt-t5x', description=__doc__.split('\n\n')[0],
+      prog='hyperprompt-t5x', description=__doc__.split('\n\n')[0], epilog=epilog,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('command', choices=COMMANDS)
   parser.add_argument('--gin_file', action='append', default=[],
@@ -45,7 +54,79 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--platform', choices=sorted(_JAX_PLATFORM),
                       help='JAX backend (default: JAX picks; CPU when nothing else is there)')
   parser.add_argument('--json', action='store_true', help='params: print one JSON object')
+  parser.add_argument('--input_file',
+                      help='infer: decode your own inputs instead of a split: .jsonl (one '
+                      'object of the task\'s fields, or a string, per line) or .txt (one '
+                      'input per line); predictions go to stdout as JSONL')
+  parser.add_argument('--task', help='infer --input_file: the task (its input format and '
+                      'task id), e.g. hyperprompt_demo_max')
+  parser.add_argument('--truncate', action='store_true',
+                      help='infer --input_file: cut inputs longer than the run\'s input '
+                      'length (default: refuse them)')
   return parser
+
+
+def _help(rest: Sequence[str]) -> str:
+  """`--help`; after a command, with that command's macros (of the given --gin_file)."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument('command', nargs='?')
+  pre.add_argument('--gin_file', action='append', default=[])
+  pre.add_argument('--gin_search_paths', action='append', default=[])
+  known, _ = pre.parse_known_args([a for a in rest if a not in ('-h', '--help')])
+  if known.command not in COMMANDS:
+    return _parser().format_help()
+  from hyperprompt_t5x import macro_help  # pylint: disable=g-import-not-at-top
+  search = [p for entry in known.gin_search_paths for p in entry.split(',') if p]
+  return _parser(macro_help.command_help(known.command, known.gin_file, search)).format_help()
+
+
+def _check_command(rest: Sequence[str]) -> None:
+  """A misspelled command gets a suggestion (argparse would only list the choices)."""
+  positional = [a for a in rest if not a.startswith('-')]
+  if positional and positional[0] not in COMMANDS:
+    from hyperprompt_t5x import gin_config  # pylint: disable=g-import-not-at-top
+    raise UsageError(f'unknown command {positional[0]!r}'
+                     f'{gin_config.did_you_mean(positional[0], COMMANDS)}; '
+                     f'commands: {", ".join(COMMANDS)}')
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its C++ start-up lines (CUDA probing, oneDNN) silenced.
+
+  Those lines are written to file descriptor 2 before absl's logging starts, so
+  TF_CPP_MIN_LOG_LEVEL does not stop them; stderr is pointed at /dev/null for the
+  import only. TensorFlow only feeds the input pipelines: it gets no GPU.
+  """
+  if 'tensorflow' in sys.modules:
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+  except ImportError:
+    pass  # the import error shows where TensorFlow is first needed
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def _model_dir(args, macros) -> str:
+  """MODEL_DIR for `plot` / `infer --input_file`: --gin.MODEL_DIR, else the gin files'."""
+  given = dict(macros).get('MODEL_DIR')
+  if given:
+    return given
+  if not args.gin_file:
+    raise UsageError(f'{args.command} needs --gin.MODEL_DIR=DIR')
+  import gin  # pylint: disable=g-import-not-at-top
+  value = gin.query_parameter('%MODEL_DIR')
+  if not isinstance(value, str):
+    raise UsageError(f'{args.command} needs --gin.MODEL_DIR=DIR')
+  return value
 
 
 def split_gin_overrides(argv: Sequence[str]) -> tuple[list, list]:
@@ -62,7 +143,7 @@ def split_gin_overrides(argv: Sequence[str]) -> tuple[list, list]:
         name, value = body, argv[i + 1]
         i += 1
       else:
-        raise SystemExit(f'error: {arg} needs a value (--gin.NAME=value)')
+        raise UsageError(f'{arg} needs a value (--gin.NAME=value)')
       macros.append((name, value))
     else:
       rest.append(arg)
@@ -106,11 +187,22 @@ def params_table(counts: dict) -> str:
 
 def run(argv: Sequence[str]) -> int:
   rest, macros = split_gin_overrides(list(argv))
+  if '-h' in rest or '--help' in rest:
+    print(_help(rest))
+    return 0
+  _check_command(rest)
   args = _parser().parse_args(rest)
   search = [p for entry in args.gin_search_paths for p in entry.split(',') if p]
+  if (args.input_file or args.task or args.truncate) and args.command != 'infer':
+    raise UsageError('--input_file, --task and --truncate belong to infer')
   from hyperprompt_t5x import gin_config  # pylint: disable=g-import-not-at-top
+  if args.command in ('plot', 'infer') and not args.gin_file and (
+      args.command == 'plot' or args.input_file):
+    return _run_on_model_dir(args, macros)  # the run's own config; no gin file needed
   gin_config.parse(args.gin_file, macros=macros, bindings=args.gin_bindings,
                    gin_search_paths=search)
+  if args.command == 'plot' or args.input_file:
+    return _run_on_model_dir(args, macros)
   if args.command == 'params':
     from hyperprompt_t5x import param_count  # pylint: disable=g-import-not-at-top
     counts = param_count.count_params(gin_config.model_config())
@@ -118,11 +210,34 @@ def run(argv: Sequence[str]) -> int:
     return 0
   command = _CONFIGURABLE[args.command]
   gin_config.check_required(command)
+  import_tensorflow_quietly()
   select_platform(args.platform)
   kwargs = {}
   if command == 'train':
     kwargs['config_str'] = gin_config.operative_config_str()
   gin_config.call(command, **kwargs)
+  return 0
+
+
+def _run_on_model_dir(args, macros) -> int:
+  """`plot` and `infer --input_file`: read the run's own files in MODEL_DIR."""
+  model_dir = _model_dir(args, macros)
+  if args.command == 'plot':
+    from hyperprompt_t5x import plots  # pylint: disable=g-import-not-at-top
+    written = plots.draw(model_dir)
+    print('\n'.join(written) if written else f'nothing to plot yet in {model_dir}')
+    return 0
+  if not args.task:
+    raise UsageError('infer --input_file needs --task=NAME (the task whose input format '
+                     'and task id to use)')
+  import_tensorflow_quietly()
+  select_platform(args.platform)
+  from hyperprompt_t5x import predictor  # pylint: disable=g-import-not-at-top
+  texts = predictor.read_input_file(args.input_file)
+  model = predictor.load(dict(macros).get('CHECKPOINT_PATH') or model_dir)
+  predictions = model.predict(texts, task=args.task, truncate=args.truncate)
+  for text, prediction in zip(texts, predictions):
+    print(json.dumps({'input': text, 'prediction': prediction, 'task': args.task}))
   return 0
 
 
@@ -159,9 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.environ.get('HYPERPROMPT_TRACEBACK'):
       raise
     kind = 'training diverged' if isinstance(e, divergence.TrainingDivergedError) else 'error'
-    message = _message(e)
+    message = ' '.join(_message(e).split())  # one line
     if _is_tensorflow_io_error(e):  # e.g. gs:// unreachable: vocabulary, TFDS, checkpoint
-      message = ' '.join(message.split()) + (
+      message = message + (
           ' (offline? set HYPERPROMPT_VOCABULARY, HYPERPROMPT_GLUE_DIR / '
           'HYPERPROMPT_SUPER_GLUE_DIR and --gin.INITIAL_CHECKPOINT_PATH to local paths)')
     print(f'{kind}: {message}', file=sys.stderr)

@@ -58,6 +58,7 @@ from . import mixtures
 from . import super_glue
 from . import vocab
 from .feature_converter import TaskIdEncDecFeatureConverter
+from .free_text import format_inputs, text_fields
 from .mixtures import eval_task_names, set_temperature, task_id, task_names
 from .pipeline import (EvalDataset, compute_metrics, decode_predictions, get_dataset,
                        get_eval_datasets, get_examples)
