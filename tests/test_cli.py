@@ -52,7 +52,15 @@ def test_params_table(capsys):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['train', '--gin_file=nope.gin'], "gin file 'nope.gin' not found; looked in"),
+    (['train', '--gin_file=nope.gin'], "gin file 'nope.gin' not found"),
+    (['train', '--gin_file=dmeo.gin'], "(did you mean 'demo.gin'?)"),
+    (['train', '--gin_file=demo.gin', '--gin.METHOD=shared'], "(did you mean 'share'?)"),
+    (['train', '--gin_file=demo.gin', '--gin.MIXTURE_OR_TASK_NAME=hyperprompt_dem'],
+     "(did you mean 'hyperprompt_demo'?)"),
+    (['train', '--gin_file=demo.gin', '--gin.TRAIN_STEPS=0'], 'train_steps must be > 0'),
+    (['trian', '--gin_file=demo.gin'], "unknown command 'trian' (did you mean 'train'?)"),
+    (['train', '--gin_file=demo.gin', '--gin.MODEL_DIR'], '--gin.MODEL_DIR needs a value'),
+    (['plot'], 'plot needs --gin.MODEL_DIR'),
     (['train', '--gin_file=demo.gin', '--gin.TRAIN_STEP=5'], "unknown macro 'TRAIN_STEP'"),
     (['train', '--gin_file=demo.gin', '--gin_bindings=train.bogus = 1'], 'bogus'),
     (['train', '--gin_file=demo.gin'], 'required macro not set: MODEL_DIR'),
@@ -68,7 +76,8 @@ def test_config_errors_are_one_line_and_touch_nothing(argv, message, tmp_path, c
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: ') and message in err, err
-  assert 'Traceback' not in err
+  assert 'Traceback' not in err and 'In call to configurable' not in err
+  assert len(err.splitlines()) == 1, err
   assert snapshot(model_dir) == before
 
 
@@ -123,3 +132,46 @@ def test_the_users_main_command_offline_is_one_clear_error(tmp_path):
   assert len(errors) == 1 and vocab in errors[0], run.stderr[-2000:]
   assert 'Traceback' not in run.stderr
   assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------
+# Help, quiet start-up, a light package import.
+# ----------------------------------------------------------------------------
+
+
+def test_command_help_lists_macros_with_defaults_and_meanings(capsys):
+  assert cli.main(['train', '--help']) == 0
+  out = capsys.readouterr().out
+  assert '--gin.TRAIN_STEPS=REQUIRED' in out and '--gin.LEARNING_RATE=0.001' in out
+  assert "--gin.METHOD='global'" in out
+  assert 'global | share | sep | prompt_tuning | hyperformer | none' in out
+  assert 'fine-tuning steps, counted from 0' in out  # a meaning continued on a 2nd line
+  assert cli.main(['train', '--gin_file=demo.gin', '--help']) == 0
+  demo = capsys.readouterr().out
+  assert '--gin.TRAIN_STEPS=150' in demo and "--gin.OPTIMIZER='adamw'" in demo
+  assert cli.main(['infer', '--help']) == 0
+  assert '--input_file' in capsys.readouterr().out
+
+
+def test_tensorflow_start_up_is_silent():
+  """The CLI's quiet import: TensorFlow's CUDA / oneDNN / absl lines never reach stderr."""
+  code = ('from hyperprompt_t5x import cli; cli.import_tensorflow_quietly()\n'
+          'from hyperprompt_t5x import tasks\n'
+          "ds = tasks.get_dataset('hyperprompt_demo', split='train', task_feature_lengths="
+          "{'inputs': 8, 'targets': 2}, batch_size=2, shuffle=False, seed=0, num_epochs=1)\n"
+          'print(next(ds.as_numpy_iterator())["task_ids"].shape)')
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env=env, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == '(2,)'
+  assert out.stderr.strip() == '', out.stderr
+
+
+def test_package_import_is_light():
+  code = ('import sys, hyperprompt_t5x\n'
+          "heavy = {'tensorflow', 'seqio', 'gin', 'orbax', 'matplotlib'} & set(sys.modules)\n"
+          'assert not heavy, heavy\nassert callable(hyperprompt_t5x.load)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr

@@ -3,7 +3,12 @@
 The demo's tasks share their inputs (tasks/demo.py), so accuracy far above a third
 needs the task conditioning to work end to end: data task ids -> model -> decoding.
 """
+import contextlib
+import hashlib
+import io
 import json
+import pathlib
+import shutil
 
 import pytest
 
@@ -18,16 +23,33 @@ def _shared_compilation_cache(compilation_cache):
   return compilation_cache
 
 
-@pytest.fixture(scope='module')
-def demo_run(tmp_path_factory):
-  model_dir = tmp_path_factory.mktemp('demo') / 'run'
-  argv = ['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
+def demo_argv(model_dir):
+  return ['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
           f'--gin.TRAIN_STEPS={STEPS}', f'--gin.EVAL_PERIOD={STEPS}',
           f'--gin.SAVE_PERIOD={STEPS}',
           # demo.gin's XLA flags would change the whole pytest process's XLA set-up.
           '--gin.XLA_FLAGS=None']
-  assert cli.main(argv) == 0
-  return model_dir
+
+
+@pytest.fixture(scope='module')
+def demo_console(tmp_path_factory):
+  """(MODEL_DIR, console text) of one shortened demo run, shared by every test here."""
+  model_dir = tmp_path_factory.mktemp('demo') / 'run'
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    assert cli.main(demo_argv(model_dir)) == 0
+  return model_dir, console.getvalue()
+
+
+@pytest.fixture(scope='module')
+def demo_run(demo_console):
+  return demo_console[0]
+
+
+def snapshot(directory) -> dict:
+  root = pathlib.Path(directory)
+  return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file()}
 
 
 def test_demo_learns_every_task_far_above_chance(demo_run, capsys):
@@ -82,3 +104,115 @@ def test_analyze_command_writes_attention_mass(demo_run, capsys):
       assert len(entry[kind]) == 2 and all(0.0 <= x <= 1.0 for x in entry[kind])
       assert len(entry['per_head'][kind][0]) == 4
   assert (demo_run / 'analysis' / 'attention_mass.png').stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------
+# What the user sees: summary, progress, table, no-op, plots, Python API.
+# ----------------------------------------------------------------------------
+
+
+def test_console_summary_progress_and_table(demo_console):
+  model_dir, out = demo_console
+  lines = out.splitlines()
+  summary = {line.split()[0]: line for line in lines[:12] if line.strip()}
+  assert 'global (HyperPrompt-Global)' in summary['method']
+  assert 'total' in out and 'added by task conditioning' in out and 'trainable' in out
+  assert 'hyperprompt_demo: 0 hyperprompt_demo_max' in out
+  assert '64 examples of 8 input + 2 target tokens' in out
+  assert f'tensorboard --logdir {model_dir}' in out
+  assert 'mesh data' in summary['devices']
+  compiling = next(i for i, l in enumerate(lines) if l.startswith('compiling the train step'))
+  compiled = next(i for i, l in enumerate(lines) if l.startswith('train step compiled in'))
+  first_step = next(i for i, l in enumerate(lines) if l.startswith('step '))
+  assert compiling < compiled < first_step
+  progress = [l for l in lines if l.startswith('step ')]
+  assert len(progress) == STEPS // 25 + 1 and all('ETA' in l for l in progress)
+  assert any(l.startswith(f'saved checkpoint_{STEPS} (') for l in lines)
+  assert any(l.startswith(f'eval at step {STEPS} (') for l in lines)
+  start = next(i for i, l in enumerate(lines) if l.startswith('task '))
+  table = lines[start:next(i for i, l in enumerate(lines) if l.startswith('average')) + 1]
+  assert all(len(l) <= 80 for l in progress + table), [l for l in progress + table
+                                                       if len(l) > 80]
+  assert any(l.startswith('plots: ') for l in lines)
+  # One token definition: tokens/s = steps/s x BATCH_SIZE x (inputs + targets length).
+  records = [json.loads(l) for l in (model_dir / 'metrics.jsonl').read_text().splitlines()]
+  train = [r for r in records if 'loss' in r]
+  for r in train:
+    assert r['tokens_per_sec'] == pytest.approx(r['steps_per_sec'] * 64 * (8 + 2))
+    assert 'num_tokens' not in r and r['target_tokens'] > 0
+  assert json.loads((model_dir / 'model_config.json').read_text())['dtype'] == 'float32'
+
+
+def test_finished_run_is_a_noop_that_writes_nothing(demo_run):
+  before = snapshot(demo_run)
+  console = io.StringIO()
+  with contextlib.redirect_stdout(console):
+    assert cli.main(demo_argv(demo_run)) == 0
+  out = console.getvalue()
+  assert out.startswith('Nothing to do'), out
+  assert 'compil' not in out and 'method ' not in out
+  best = json.loads((demo_run / 'best.json').read_text())
+  assert 'average' in out and f'{best["average"]:.2f}' in out
+  assert snapshot(demo_run) == before  # no event file, no metrics line, nothing
+
+
+def test_plots_exist_are_pngs_and_follow_the_metrics(demo_run, tmp_path):
+  plots = demo_run / 'plots'
+  names = sorted(p.name for p in plots.iterdir())
+  assert names == ['training.png'] + [f'validation_hyperprompt_demo_{t}.png'
+                                      for t in ('has_a', 'max', 'min')]
+  for name in names:
+    assert (plots / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  copy = tmp_path / 'run'
+  shutil.copytree(demo_run, copy)
+  before = snapshot(copy / 'plots')
+  with (copy / 'metrics.jsonl').open('a') as f:  # one more (partial) eval, as a live run
+    f.write(json.dumps({'step': STEPS + 20, 'validation/hyperprompt_demo_max/accuracy': 12.5})
+            + '\n{"step": 1')
+  assert cli.main(['plot', f'--gin.MODEL_DIR={copy}']) == 0
+  after = snapshot(copy / 'plots')
+  assert after['validation_hyperprompt_demo_max.png'] != before[
+      'validation_hyperprompt_demo_max.png']
+  assert after['validation_hyperprompt_demo_min.png'] == before[
+      'validation_hyperprompt_demo_min.png']
+
+
+def test_python_api_predict_and_score(demo_run):
+  import hyperprompt_t5x
+  model = hyperprompt_t5x.load(str(demo_run))
+  assert model.step == STEPS
+  words = ['fbhde', 'cadg', 'hgb', 'bdfe']
+  assert model.predict(words, task='hyperprompt_demo_max') == [max(w) for w in words]
+  assert model.predict(words, task='hyperprompt_demo_min') == [min(w) for w in words]
+  right = model.score(words, [min(w) for w in words], task='hyperprompt_demo_min')
+  wrong = model.score(words, [max(w) for w in words], task='hyperprompt_demo_min')
+  assert all(r > w for r, w in zip(right, wrong)) and all(r <= 0 for r in right)
+  with pytest.raises(ValueError, match="did you mean 'hyperprompt_demo_min'"):
+    model.predict(words, task='hyperprompt_demo_mni')
+  with pytest.raises(ValueError, match='longer than the run.s input length 8'):
+    model.predict(['abcdefgh'], task='hyperprompt_demo_max')
+  assert len(model.predict(['abcdefgh'], task='hyperprompt_demo_max', truncate=True)) == 1
+
+
+def test_infer_on_the_users_own_texts(demo_run, tmp_path, capsys):
+  before = snapshot(demo_run)
+  words = ['fbhde', 'cadg', 'hgb']
+  txt = tmp_path / 'words.txt'
+  txt.write_text('\n'.join(words) + '\n')
+  common = ['infer', f'--gin.MODEL_DIR={demo_run}', '--task=hyperprompt_demo_has_a']
+  assert cli.main(common + [f'--input_file={txt}']) == 0
+  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith('{')]
+  assert [r['input'] for r in rows] == words
+  assert [r['prediction'] for r in rows] == ['y' if 'a' in w else 'n' for w in words]
+  jsonl = tmp_path / 'words.jsonl'
+  jsonl.write_text('\n'.join(json.dumps({'inputs': w}) for w in words))
+  assert cli.main(common + [f'--input_file={jsonl}']) == 0
+  assert len([l for l in capsys.readouterr().out.splitlines() if l.startswith('{')]) == 3
+  empty = tmp_path / 'empty.txt'
+  empty.write_text('\n')
+  for extra, message in [([f'--input_file={empty}'], 'is empty'),
+                         ([f'--input_file={txt}', '--task=nope'], "unknown task 'nope'")]:
+    assert cli.main(common + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+  assert snapshot(demo_run) == before
