@@ -30,6 +30,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from hyperprompt_t5x import quiet_tensorflow
+
 COMMANDS = ('train', 'eval', 'infer', 'analyze', 'params', 'plot')
 _CONFIGURABLE = {'train': 'train', 'eval': 'evaluate', 'infer': 'infer', 'analyze': 'analyze'}
 _JAX_PLATFORM = {'cpu': 'cpu', 'gpu': 'cuda', 'tpu': 'tpu'}
@@ -88,31 +90,6 @@ def _check_command(rest: Sequence[str]) -> None:
     raise UsageError(f'unknown command {positional[0]!r}'
                      f'{gin_config.did_you_mean(positional[0], COMMANDS)}; '
                      f'commands: {", ".join(COMMANDS)}')
-
-
-def import_tensorflow_quietly() -> None:
-  """Imports TensorFlow with its C++ start-up lines (CUDA probing, oneDNN) silenced.
-
-  Those lines are written to file descriptor 2 before absl's logging starts, so
-  TF_CPP_MIN_LOG_LEVEL does not stop them; stderr is pointed at /dev/null for the
-  import only. TensorFlow only feeds the input pipelines: it gets no GPU.
-  """
-  if 'tensorflow' in sys.modules:
-    return
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-  except ImportError:
-    pass  # the import error shows where TensorFlow is first needed
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
 
 
 def _model_dir(args, macros) -> str:
@@ -210,7 +187,8 @@ def run(argv: Sequence[str]) -> int:
     return 0
   command = _CONFIGURABLE[args.command]
   gin_config.check_required(command)
-  import_tensorflow_quietly()
+  if command != 'train':  # train imports it once a finished MODEL_DIR is ruled out
+    quiet_tensorflow.import_tensorflow()
   select_platform(args.platform)
   kwargs = {}
   if command == 'train':
@@ -230,7 +208,7 @@ def _run_on_model_dir(args, macros) -> int:
   if not args.task:
     raise UsageError('infer --input_file needs --task=NAME (the task whose input format '
                      'and task id to use)')
-  import_tensorflow_quietly()
+  quiet_tensorflow.import_tensorflow()
   select_platform(args.platform)
   from hyperprompt_t5x import predictor  # pylint: disable=g-import-not-at-top
   texts = predictor.read_input_file(args.input_file)

@@ -116,6 +116,8 @@ def mixture_tasks(mixture_or_task_name: str, config,
   The first call for a mixture prints its task ids (`announce=False`: the caller
   prints them itself).
   """
+  from hyperprompt_t5x import quiet_tensorflow  # pylint: disable=g-import-not-at-top
+  quiet_tensorflow.import_tensorflow()
   from hyperprompt_t5x import tasks  # pylint: disable=g-import-not-at-top
   names = list(tasks.task_names(mixture_or_task_name))
   if len(names) != config.num_tasks:

@@ -157,7 +157,7 @@ def test_command_help_lists_macros_with_defaults_and_meanings(capsys):
 
 def test_tensorflow_start_up_is_silent():
   """The CLI's quiet import: TensorFlow's CUDA / oneDNN / absl lines never reach stderr."""
-  code = ('from hyperprompt_t5x import cli; cli.import_tensorflow_quietly()\n'
+  code = ('from hyperprompt_t5x import quiet_tensorflow; quiet_tensorflow.import_tensorflow()\n'
           'from hyperprompt_t5x import tasks\n'
           "ds = tasks.get_dataset('hyperprompt_demo', split='train', task_feature_lengths="
           "{'inputs': 8, 'targets': 2}, batch_size=2, shuffle=False, seed=0, num_epochs=1)\n"
