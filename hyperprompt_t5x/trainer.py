@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import pathlib
 import time
 from typing import Mapping, Optional
 
@@ -110,7 +111,8 @@ def train(*,
 def _finished_step(model_dir: str, train_steps: int, config) -> Optional[int]:
   """The newest checkpoint step of MODEL_DIR when it is >= train_steps, else None.
 
-  Reads only directory names and model_config.json (no orbax, no compilation).
+  Reads only directory names, the newest checkpoint's file-size manifest and
+  model_config.json (no orbax, no compilation).
   """
   if not os.path.isdir(model_dir):
     return None
@@ -118,6 +120,11 @@ def _finished_step(model_dir: str, train_steps: int, config) -> Optional[int]:
            if name.startswith('checkpoint_') and name[len('checkpoint_'):].isdigit()]
   if not steps or max(steps) < train_steps:
     return None
+  from hyperprompt_t5x import checkpoint_health  # pylint: disable=g-import-not-at-top
+  newest = pathlib.Path(model_dir) / f'checkpoint_{max(steps)}'
+  if (not (newest / checkpoint_health.MANIFEST).is_file()
+      or checkpoint_health.damage(newest) is not None):
+    return None  # not known whole without restoring: the full path checks (and moves) it
   model_dir_files.check_model_dir_matches(model_dir, config)
   return max(steps)
 
