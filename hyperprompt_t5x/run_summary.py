@@ -78,7 +78,8 @@ def describe(plan, config, *, freeze: str, mixture: str, task_names: Sequence[st
             f'{lengths["targets"]} target tokens; {train_steps} steps, {start}'),
       _line('devices', f'{len(devices)} x {", ".join(kinds)} ({jax.process_count()} '
             f'process{"es" if jax.process_count() > 1 else ""}); mesh {mesh}'),
-      _line('MODEL_DIR', model_dir),
-      _line('TensorBoard', f'tensorboard --logdir {model_dir}'),
+      # Never wrapped: a path and a command are copied as they are.
+      f'{"MODEL_DIR":<{_KEY}}{model_dir}',
+      f'{"TensorBoard":<{_KEY}}tensorboard --logdir {model_dir}',
   ]
   return '\n'.join(lines)
