@@ -20,6 +20,7 @@ COMMAND_FILES = {
     'eval': ['runs/finetune.gin', 'methods/conditioning.gin', 'runs/eval.gin'],
     'infer': ['runs/finetune.gin', 'methods/conditioning.gin', 'runs/eval.gin',
               'runs/infer.gin'],
+    'analyze': ['runs/finetune.gin', 'methods/conditioning.gin', 'runs/eval.gin'],
     'params': ['methods/conditioning.gin'],
 }
 _MACRO = re.compile(r'^([A-Z][A-Z0-9_]*)\s*=\s*(.*?)\s*(?:#\s?(.*))?$')
