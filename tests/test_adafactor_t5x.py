@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from hyperprompt_t5x import checkpoints, optim
+from hyperprompt_t5x.t5x_checkpoint import unflatten_params
 
 LR = 1e-3
 STEPS = 4
@@ -39,21 +40,10 @@ LEAVES = {
 }
 
 
-def _unflatten(flat):
-  tree = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def _tree(seed, scale_of):
   rng = np.random.default_rng(seed)
-  return _unflatten({n: jnp.asarray(scale_of(n) * rng.standard_normal(shape), jnp.float32)
-                     for n, (shape, _) in LEAVES.items()})
+  return unflatten_params({n: jnp.asarray(scale_of(n) * rng.standard_normal(shape), jnp.float32)
+                           for n, (shape, _) in LEAVES.items()})
 
 
 def _params():
@@ -72,7 +62,7 @@ def _grads(step):
   return grads
 
 
-AXES = _unflatten({n: P(*axes) for n, (_, axes) in LEAVES.items()})
+AXES = unflatten_params({n: P(*axes) for n, (_, axes) in LEAVES.items()})
 
 
 @pytest.fixture(scope='module')
