@@ -97,14 +97,12 @@ def test_loss_scores_and_greedy_equal_the_project_model(method):
 @pytest.mark.parametrize('method', ['global', 'prompt_tuning'])
 def test_beams_score_their_sequences_like_teacher_forcing(method):
   """Each of 3 beams (task ids and encoder outputs expanded per beam) scores its
-  sequence as teacher forcing does, and the best is at least greedy's. (On a
-  trained model beam search equals greedy: test_t5x_runs.py.)"""
+  sequence as teacher forcing does, and the beams come sorted, best last. (Beam
+  search need not beat greedy on a random model: it may prune greedy's path.)"""
   config = _config(method)
   params = network.random_params(config, seed=2)
   batch = _batch()
   ours = models.EncoderDecoderModel(config, z_loss=0.0)
-  greedy = np.asarray(ours.predict_batch(params, _project_batch(batch), TARGET_LEN))
-
   beams = _t5x_model(config)
   decodes, aux = beams.predict_batch_with_aux(
       params, batch, num_decodes=3, return_all_decodes=True, decoder_params={'alpha': 0.0})
@@ -125,7 +123,7 @@ def test_beams_score_their_sequences_like_teacher_forcing(method):
   for k in range(3):  # such a beam's score is its sequence's log-likelihood
     np.testing.assert_allclose(np.asarray(aux['scores'][:, k])[finished[:, k]],
                                score(decodes[:, k])[finished[:, k]], rtol=1e-4, atol=1e-4)
-  assert np.all(score(decodes[:, -1]) >= score(greedy) - 1e-4)
+  assert np.all(np.diff(np.asarray(aux['scores']), axis=1) >= 0)
 
 
 def test_initial_variables_are_the_network_tree_with_axes():
