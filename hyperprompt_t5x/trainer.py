@@ -63,6 +63,7 @@ def train(*,
           z_loss: float = 1e-4,
           label_smoothing: float = 0.0,
           restore_optimizer_state: bool = True,
+          calibrate_prompt_scale: bool = True,
           num_partitions: int = 1,
           seed: int = 0,
           shuffle: bool = True,
@@ -78,6 +79,9 @@ def train(*,
   initial_checkpoint_path (INITIAL_CHECKPOINT_PATH), restore_optimizer_state
   (RESTORE_OPTIMIZER_STATE: with it, the Adafactor state and step the initial
   checkpoint holds, as T5X fine-tunes; see run_setup.restore_optimizer_state),
+  calibrate_prompt_scale (CALIBRATE_PROMPT_SCALE: at step 0 of a run from
+  initial_checkpoint_path, rescale the prompt generators U so the prompt/real key-value
+  norm ratios are 1 on the first batch; the ratios are logged either way; prompt_scale.py),
   save_period (SAVE_PERIOD),
   eval_period (EVAL_PERIOD; 0 = evaluate only at the end, None = never),
   num_partitions (NUM_PARTITIONS, the 'model' mesh axis). `config_str` is the
@@ -94,6 +98,7 @@ def train(*,
   run_setup.require('batch_size', batch_size, int, positive=True)
   run_setup.require('save_period', save_period, int, positive=True)
   run_setup.require('log_period', log_period, int, positive=True)
+  run_setup.require('calibrate_prompt_scale', calibrate_prompt_scale, bool)
   lengths = run_setup.validate_feature_lengths(task_feature_lengths)
   settings = run_setup.OptimizerSettings(
       optimizer, float(learning_rate), lr_schedule, warmup_steps, freeze,
@@ -202,20 +207,24 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
   return run, inputs, step_fn
 
 
-def _calibrate_prompt_scale(model_config, state, batch, mesh):
-  """Step 0 from a restored backbone: log prompt/real k/v norm ratios, rescale U to 1."""
+def _calibrate_prompt_scale(model_config, state, batch, mesh, rescale: bool):
+  """Step 0 from a restored backbone: log prompt/real k/v norm ratios; rescale U to 1
+  (unless `rescale` is False: CALIBRATE_PROMPT_SCALE = False keeps the init's U)."""
   from hyperprompt_t5x import partitioning, prompt_scale  # pylint: disable=g-import-not-at-top
   sharded = partitioning.shard_batch(batch, mesh)
   ratios_fn = jax.jit(lambda p, b: prompt_scale.norm_ratios(model_config, p, b))
   before = ratios_fn(state.params, sharded)
   if not before:
     return state
+  message = ('prompt/real key-value norm ratio per block on the first batch: '
+             f'{prompt_scale.format_ratios(before)}')
+  if not rescale:
+    log(f'{message}; not rescaled (CALIBRATE_PROMPT_SCALE = False)')
+    return state
   params = jax.jit(lambda p, r: prompt_scale.calibrate(model_config, p, r))(state.params, before)
   params = jax.device_put(params, jax.tree_util.tree_map(lambda x: x.sharding, state.params))
   after = ratios_fn(params, sharded)
-  log('prompt/real key-value norm ratio per block on the first batch: '
-      f'{prompt_scale.format_ratios(before)}; after rescaling U: '
-      f'{prompt_scale.format_ratios(after)}')
+  log(f'{message}; after rescaling U: {prompt_scale.format_ratios(after)}')
   return state.replace(params=params)
 
 
@@ -240,7 +249,8 @@ def _train_holding_model_dir(
     *, model_dir, model_config, mixture_or_task_name, train_steps, batch_size,
     initial_checkpoint_path, save_period, keep_checkpoints, eval_period, eval_split,
     eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle,
-    tensorboard, config_str, lengths, settings, t0, task_names, **unused) -> dict:
+    tensorboard, config_str, lengths, settings, t0, task_names, calibrate_prompt_scale,
+    **unused) -> dict:
   """The body of `train` (arguments validated, MODEL_DIR held)."""
   from hyperprompt_t5x import evaluation, network, partitioning, run_summary, train_state  # pylint: disable=g-import-not-at-top
   store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
@@ -294,7 +304,8 @@ def _train_holding_model_dir(
         batch = next(inputs.batches)
         network.check_task_ids(batch['task_ids'], model_config.num_tasks)
         if step == 0 and initial_checkpoint_path:
-          state = _calibrate_prompt_scale(model_config, state, batch, run.mesh)
+          state = _calibrate_prompt_scale(model_config, state, batch, run.mesh,
+                                          calibrate_prompt_scale)
         state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
         pending.add(step, metrics)
         done = step + 1
