@@ -35,6 +35,9 @@ split that is reported: an optimistic choice, the same for every method).
 
 Outputs in --out_dir: results.json (every replica and eval), results.md (the
 tables), score_vs_step.png, score_vs_params.png (and glue_*.png).
+`--parts glue` runs the GLUE part alone; `--merge a/results.json,b/results.json`
+trains nothing and writes the union of earlier runs' records (and the commands
+that made them) to --out_dir, so a sweep can run in pieces.
 """
 import argparse
 import json
@@ -341,7 +344,8 @@ def write_outputs(out_dir: pathlib.Path, results: Dict[str, Any], args) -> None:
   tmp = out_dir / 'results.json.tmp'
   tmp.write_text(json.dumps(results, indent=1, default=str))
   os.replace(tmp, out_dir / 'results.json')
-  md = [f'Command: `{results["meta"]["command"]}`', '']
+  commands = results['meta'].get('commands', [results['meta'].get('command')])
+  md = [f'Command: `{c}`' for c in commands] + ['']
   for name in ('conflict', 'glue'):
     if results.get(name):
       md += [f'### {name}', '', markdown(name, results['meta'][f'{name}_tasks'], results[name]),
@@ -362,6 +366,10 @@ def parse_args(argv=None):
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--warmup', type=int, default=20)
   p.add_argument('--pretrain_steps', type=int, default=200)
+  p.add_argument('--parts', default='conflict,glue',
+                 help="parts to run: conflict, glue (glue also needs --glue_steps > 0)")
+  p.add_argument('--merge', default='',
+                 help='comma-separated results.json files: write their union, train nothing')
   p.add_argument('--glue_steps', type=int, default=0, help='0: skip the GLUE part')
   p.add_argument('--glue_inputs_len', type=int, default=128)
   p.add_argument('--data_dir', default=os.environ.get(
@@ -372,6 +380,10 @@ def parse_args(argv=None):
   unknown = sorted(set(args.methods) - set(METHODS))
   if unknown:
     p.error(f'--methods: unknown {unknown}; expected some of {METHODS}')
+  args.parts = [x for x in args.parts.split(',') if x]
+  if set(args.parts) - {'conflict', 'glue'}:
+    p.error(f'--parts: expected some of conflict, glue (got {args.parts})')
+  args.merge = [x for x in args.merge.split(',') if x]
   args.freeze = [f for f in args.freeze.split(',') if f]
   args.lrs = [float(x) for x in args.lrs.split(',')]
   args.seeds = [int(x) for x in args.seeds.split(',')]
@@ -383,21 +395,43 @@ def parse_args(argv=None):
   return args
 
 
+def merge(paths: Sequence[str]) -> Dict[str, Any]:
+  """The union of several results.json: every part's records, in order, and all commands."""
+  merged: Dict[str, Any] = {'meta': {'commands': []}}
+  for path in paths:
+    try:
+      results = json.loads(pathlib.Path(path).read_text())
+      meta = results['meta']
+    except (OSError, ValueError, KeyError) as e:
+      raise SystemExit(f'--merge: {path} is not a compare_methods results.json ({e})')
+    merged['meta']['commands'] += meta.get('commands', [meta.get('command')])
+    for key in ('conflict_tasks', 'glue_tasks', 'cpu_count'):
+      merged['meta'].setdefault(key, meta.get(key))
+    for name in ('conflict', 'glue'):
+      merged.setdefault(name, []).extend(results.get(name, []))
+  return merged
+
+
 def main(argv=None) -> Dict[str, Any]:
   args = parse_args(argv)
   os.environ.setdefault('XLA_FLAGS', FAST_COMPILE_FLAGS)
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  if args.merge:
+    results = merge(args.merge)
+    write_outputs(out_dir, results, args)
+    return results
   names, train, val = conflict_data()
   results: Dict[str, Any] = {'meta': {
       'command': 'python bench/compare_methods.py ' + ' '.join(argv if argv is not None
                                                                else sys.argv[1:]),
       'conflict_tasks': names, 'glue_tasks': list(GLUE_TASKS), 'cpu_count': os.cpu_count()}}
-  backbone = pretrain_backbone(sorted({w for w, _, _ in train}), args.pretrain_steps,
-                               args.batch, 1e-3, args.warmup)
-  run_part('conflict', names, train, val, args, backbone, (8, 2), args.methods, args.freeze,
-           args.steps, out_dir, results)
-  if args.glue_steps > 0:
+  if 'conflict' in args.parts:
+    backbone = pretrain_backbone(sorted({w for w, _, _ in train}), args.pretrain_steps,
+                                 args.batch, 1e-3, args.warmup)
+    run_part('conflict', names, train, val, args, backbone, (8, 2), args.methods,
+             args.freeze, args.steps, out_dir, results)
+  if args.glue_steps > 0 and 'glue' in args.parts:
     g_names, g_train, g_val = glue_data(pathlib.Path(args.data_dir))
     run_part('glue', g_names, g_train, g_val, args, None, (args.glue_inputs_len, 2),
              args.methods, ['all'], args.glue_steps, out_dir, results)

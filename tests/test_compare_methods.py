@@ -34,6 +34,17 @@ def test_two_step_smoke_writes_tables_plots_and_json(tmp_path):
   assert '| global | conditioning |' in table and 'missing' in table
   for name in ('conflict_score_vs_step.png', 'conflict_score_vs_params.png'):
     assert (out / name).stat().st_size > 1000
+  # A sweep run in pieces: --merge writes the union of the pieces' records and commands.
+  other = json.loads((out / 'results.json').read_text())
+  other['meta']['command'] = 'python bench/compare_methods.py --methods sep'
+  other['conflict'][0]['method'] = 'sep'
+  (tmp_path / 'other.json').write_text(json.dumps(other))
+  merged = compare_methods.main(['--out_dir', str(tmp_path / 'merged'), '--merge',
+                                 f"{out / 'results.json'},{tmp_path / 'other.json'}"])
+  assert [r['method'] for r in merged['conflict']] == ['global', 'sep']
+  table = (tmp_path / 'merged' / 'results.md').read_text()
+  assert '| global | conditioning |' in table and '| sep | conditioning |' in table
+  assert results['meta']['command'] in table and '--methods sep`' in table
 
 
 def test_conflicting_targets_and_glue_readers(shared_data):
