@@ -244,6 +244,10 @@ def load_t5x_params(path: str) -> Params:
       not a T5 checkpoint, or an unreadable TensorStore array; names the path.
   """
   state, resolve = _read_checkpoint(path)
+  return _params(state, resolve)
+
+
+def _params(state: Any, resolve: '_Resolver') -> Params:
   target = _select_target(state, resolve.source)
   return unflatten_params(resolve(flatten_params(_unfreeze_specs(target))))
 
@@ -273,6 +277,13 @@ def load_t5x_optimizer_state(path: str) -> Optional[AdafactorCheckpointState]:
   """
   state, resolve = _read_checkpoint(path)
   return _adafactor_state(state, resolve)
+
+
+def load_params_and_optimizer_state(path: str
+                                    ) -> Tuple[Params, Optional[AdafactorCheckpointState]]:
+  """`load_t5x_params` and `load_t5x_optimizer_state` of one checkpoint, read once."""
+  state, resolve = _read_checkpoint(path)
+  return _params(state, resolve), _adafactor_state(state, resolve)
 
 
 def adafactor_state_from_t5x(optimizer_state: Any) -> Optional[AdafactorCheckpointState]:

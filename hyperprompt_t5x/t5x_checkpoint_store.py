@@ -29,13 +29,28 @@ def is_t5x_checkpoint(step_dir: str) -> bool:
   `state/` item whose tree has T5X's `target` (the project's has `params`)."""
   if os.path.isfile(os.path.join(step_dir, 'checkpoint')):
     return True
-  metadata = os.path.join(step_dir, 'state', '_METADATA')
-  if not os.path.isfile(metadata):
-    return False
+  return _state_item_top_key(step_dir) == 'target'
+
+
+def is_project_checkpoint(step_dir: str) -> bool:
+  """True for a checkpoint dir of this project's trainer: an orbax `state/`
+  item whose tree has `params` ({step, params, opt_state}; T5X's has `target`)."""
+  return _state_item_top_key(step_dir) == 'params'
+
+
+def _state_item_top_key(step_dir: str) -> Optional[str]:
+  """'target' or 'params' by the local orbax `state/_METADATA` of step_dir, else None."""
+  metadata = os.path.join(os.fspath(step_dir), 'state', '_METADATA')
+  if os.path.isfile(os.path.join(os.fspath(step_dir), 'checkpoint')) or not os.path.isfile(
+      metadata):
+    return None
   with open(metadata) as f:
     text = f.read()
   # Keys of the flattened tree, e.g. "('target', 'encoder', ...)"; JSON-escaped.
-  return "'target'" in text and "'params'" not in text
+  has = {key: f"'{key}'" in text for key in ('target', 'params')}
+  if has['target'] != has['params']:
+    return 'target' if has['target'] else 'params'
+  return None
 
 
 class T5XCheckpointStore:

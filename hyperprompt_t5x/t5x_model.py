@@ -11,7 +11,13 @@ packed here (a packed row would mix tasks), so a packed batch is refused.
 
 Also the T5X-side configuration helpers the gin files in `gin/t5x/` name:
 partitioning rules and Adafactor factor rules for the conditioning's logical
-axes, and a restore transformation that checks a checkpoint fits the model.
+axes, a restore transformation that checks a checkpoint fits the model, and
+`HyperPromptCheckpointManager`, T5X's orbax checkpoint manager that also
+restores checkpoints of this project's trainer (`python -m t5x.eval` / `infer`
+on `hyperprompt-t5x train`'s MODEL_DIR/checkpoint_<step>). Importing this
+module (the gin files do) makes bad input under T5X's entry points one
+`error: ...` line: a required gin macro left unset, a checkpoint that does not
+fit the model.
 
 This is the only module that imports t5x; nothing else in the package imports
 it (tests/test_t5x_model.py checks), so the rest works without T5X.
@@ -19,20 +25,31 @@ it (tests/test_t5x_model.py checks), so the rest works without T5X.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional, Tuple
+import os
+import re
+import sys
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
+from absl import app as absl_app
+from absl import flags as absl_flags
+from absl import logging
 import flax
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 from t5x import adafactor
+from t5x import checkpoints as t5x_checkpoints
 from t5x import decoding as t5x_decoding
 from t5x import models as t5x_models
+from t5x import state_utils
 
 from hyperprompt_t5x import decoding
 from hyperprompt_t5x import optim
 from hyperprompt_t5x import network
 from hyperprompt_t5x import partitioning
+from hyperprompt_t5x import t5x_checkpoint
+from hyperprompt_t5x import t5x_checkpoint_store
 from hyperprompt_t5x.checkpoints import CheckpointError
 
 PyTree = Any
@@ -197,41 +214,209 @@ def logical_factor_rules() -> flax.core.FrozenDict:
                            for name, kind in optim.LOGICAL_FACTOR_RULES.items()})
 
 
-def _param_paths(tree: Mapping[str, Any]) -> set:
-  return set(traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/'))
-
-
 def check_checkpoint_fits(state_dict: Mapping[str, Any], target_state_dict=None,
                           is_resuming: bool = False) -> Mapping[str, Any]:
   """T5X restore transformation that only checks: the checkpoint fits this model.
 
-  The checkpoint's parameter names must be the model's (a checkpoint without
-  any task conditioning, e.g. T5 1.1's, may leave it to the initialisation);
-  else one CheckpointError names the difference instead of T5X's restore
-  failing deep inside orbax. This project's own checkpoints
-  ({step, params, opt_state}) are refused with one line: T5X's orbax restore
-  looks leaves up by their T5X names (`target.*`), so it cannot read them in
-  place (renaming through orbax placeholders fails in T5X at cc342d4).
+  The checkpoint's parameter names (and shapes, where its leaves carry them:
+  a project checkpoint's do) must be the model's (a checkpoint without any
+  task conditioning, e.g. T5 1.1's, may leave it to the initialisation); else
+  one CheckpointError names the difference instead of T5X's restore failing
+  deep inside orbax. A project checkpoint reaches this check in T5X's layout
+  through `HyperPromptCheckpointManager`; in its own layout ({step, params,
+  opt_state}) through T5X's default manager (t5x.train, or an eval / infer gin
+  without project_checkpoint.gin), which cannot read it: refused with one line.
   """
   del is_resuming
   if 'params' in state_dict and 'target' not in state_dict:
     raise CheckpointError(
-        'this is a hyperprompt_t5x trainer checkpoint ({step, params, opt_state}); T5X '
-        'reads only its own layout {target, state}: evaluate it with `hyperprompt-t5x '
-        'eval` (T5X cannot restore it yet)')
+        'this is a hyperprompt_t5x trainer checkpoint ({step, params, opt_state}); T5X\'s '
+        'own checkpoint manager reads only {target, state}: for t5x.eval / t5x.infer add '
+        '--gin_file=hyperprompt_t5x/gin/t5x/project_checkpoint.gin (demo_eval.gin and '
+        'demo_infer.gin include it), or evaluate it with `hyperprompt-t5x eval`')
   if target_state_dict is not None and 'target' in state_dict:
     _check_checkpoint_params(state_dict['target'], target_state_dict['target'])
   return state_dict
 
 
 def _check_checkpoint_params(have_tree, want_tree) -> None:
-  have, want = _param_paths(have_tree), _param_paths(want_tree)
+  have = traverse_util.flatten_dict(flax.core.unfreeze(have_tree), sep='/')
+  want = traverse_util.flatten_dict(flax.core.unfreeze(want_tree), sep='/')
   key = network.CONDITIONING_KEY + '/'
   if not any(p.startswith(key) for p in have):  # a backbone checkpoint: fresh conditioning
-    want = {p for p in want if not p.startswith(key)}
-  missing, unexpected = sorted(want - have), sorted(have - want)
-  if missing or unexpected:
-    raise CheckpointError(
-        'the checkpoint does not fit this model (another method, size or number of tasks?): '
-        f'{len(missing)} parameter(s) missing, e.g. {missing[:3]}; {len(unexpected)} '
-        f'unexpected, e.g. {unexpected[:3]}')
+    want = {p: v for p, v in want.items() if not p.startswith(key)}
+  missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+  wrong = sorted(f'{p}: checkpoint {tuple(have[p].shape)}, model {tuple(want[p].shape)}'
+                 for p in set(want) & set(have)
+                 if _shape(have[p]) is not None and _shape(want[p]) is not None
+                 and _shape(have[p]) != _shape(want[p]))
+  problems = [f'{len(names)} {what}, e.g. {names[:3]}' for what, names in (
+      ('parameter(s) missing', missing), ('unexpected', unexpected),
+      ('of another shape', wrong)) if names]
+  if problems:
+    raise CheckpointError('the checkpoint does not fit this model (another method, size or '
+                          'number of tasks?): ' + '; '.join(problems))
+
+
+def _shape(leaf) -> Optional[tuple]:
+  shape = getattr(leaf, 'shape', None)
+  return tuple(shape) if isinstance(shape, (tuple, list)) else None
+
+
+# -- project checkpoints under T5X ----------------------------------------------
+
+class HyperPromptCheckpointManager(t5x_checkpoints.OrbaxCheckpointManagerInterface):
+  """T5X's orbax checkpoint manager that also restores `hyperprompt-t5x train` checkpoints.
+
+  Bound for `utils.RestoreCheckpointConfig` in gin/t5x/project_checkpoint.gin
+  (eval and infer; T5X train's resume insists on T5X's default manager). A project checkpoint
+  (orbax item `state/` = {step, params, opt_state}) is read by the project's
+  reader and restored as T5X's state dict {target: params, state: {step,
+  param_states}}: the restore transformations and fallback state apply as in
+  T5X's restore, the arrays are placed with T5X's partitioning. The optimizer
+  slots come over when the project trained with Adafactor (its slots are T5X's,
+  optim.ScaleByT5XAdafactorState); otherwise T5X's optimizer state starts fresh
+  (logged). Everything else, saving included, is T5X's own.
+  """
+
+  def restore(self, step: Optional[int] = None, path: Optional[str] = None,
+              fallback_state: Optional[Mapping[str, Any]] = None,
+              state_transformation_fns: Sequence[Any] = (),
+              lazy_parameters: Optional[bool] = False):
+    step_dir = (os.fspath(path) if path is not None else
+                os.path.join(os.fspath(self.directory), f'checkpoint_{step}')
+                if step is not None else None)
+    try:
+      if step_dir is None or not t5x_checkpoint_store.is_project_checkpoint(step_dir):
+        return super().restore(step=step, path=path, fallback_state=fallback_state,
+                               state_transformation_fns=state_transformation_fns,
+                               lazy_parameters=lazy_parameters)
+      return self._restore_project(step_dir, fallback_state, state_transformation_fns)
+    except CheckpointError as e:  # gin adds lines to it: keep the first, name the checkpoint
+      message = str(e).splitlines()[0]
+      raise CheckpointError(message if message.startswith(f'{step_dir}:')
+                            else f'{step_dir}: {message}') from e
+
+  def _restore_project(self, step_dir: str, fallback_state, state_transformation_fns):
+    target = self._train_state.state_dict()  # jax.ShapeDtypeStruct leaves
+    state_dict = project_state_dict(step_dir, target)
+    for fn in state_transformation_fns:
+      state_dict = fn(state_dict, target)
+    state_dict = state_utils.intersect_state(state_dict, target)
+    if fallback_state is not None:
+      state_dict = state_utils.merge_state(state_dict, fallback_state)
+    return self._train_state.restore_state(self._place(state_dict, target, step_dir))
+
+  def _place(self, state_dict, target, source: str):
+    """Host arrays -> jax.Arrays sharded by T5X's partitioning of the train state."""
+    mesh_axes = traverse_util.flatten_dict(
+        self._partitioner.get_mesh_axes(self._train_state).state_dict())
+    want = traverse_util.flatten_dict(target)
+    placed = {}
+    for key, value in traverse_util.flatten_dict(state_dict).items():
+      dtype = (self._restore_dtype if key[0] == 'target' and self._restore_dtype is not None
+               else want[key].dtype)
+      array = np.asarray(value).astype(jnp.dtype(dtype))
+      if array.shape != tuple(want[key].shape):
+        raise CheckpointError(
+            f'{source}: {"/".join(map(str, key))} has shape {array.shape}, the model '
+            f'{tuple(want[key].shape)} (a checkpoint of another method, size or number of '
+            'tasks?)')
+      sharding = jax.sharding.NamedSharding(
+          self._partitioner.mesh, mesh_axes.get(key) or jax.sharding.PartitionSpec())
+      placed[key] = jax.make_array_from_callback(array.shape, sharding,
+                                                 lambda index, a=array: a[index])
+    return traverse_util.unflatten_dict(placed)
+
+
+def project_state_dict(step_dir: str, target: Mapping[str, Any]) -> dict:
+  """A project checkpoint as T5X's state dict {target, state: {step[, param_states]}}.
+
+  `target`: T5X's train-state dict of the model; param_states (absent for
+  eval / infer, whose train state has no optimizer) take its shapes. Host
+  numpy leaves; the step is the directory's, as T5X reads it.
+  """
+  params, adafactor_state = t5x_checkpoint.load_params_and_optimizer_state(step_dir)
+  step = int(re.fullmatch(r'checkpoint_(\d+)', os.path.basename(os.path.normpath(step_dir)))
+             .group(1))
+  state = {'step': np.asarray(step, np.int32)}
+  if 'param_states' in target['state']:
+    state['param_states'] = _t5x_param_states(
+        target['state']['param_states'],
+        adafactor_state.param_states if adafactor_state is not None else {}, step_dir)
+  return {'target': params, 'state': state}
+
+
+def _t5x_param_states(want_tree, saved: Mapping[str, Mapping[str, Any]], source: str):
+  """T5X's param_states (shapes of `want_tree`) from the project's Adafactor slots
+  ({'encoder/.../kernel': {'v_row', 'v_col', 'v'}}), or zeros when they do not fit."""
+  want = traverse_util.flatten_dict(flax.core.unfreeze(want_tree))
+
+  def saved_slot(key, leaf):
+    value = saved.get('/'.join(map(str, key[:-1])), {}).get(key[-1])
+    return value if value is not None and np.shape(value) == tuple(leaf.shape) else None
+
+  slots = {key: saved_slot(key, leaf) for key, leaf in want.items()}
+  if want and all(v is not None for k, v in slots.items() if k[-1] == 'v'):
+    logging.info('%s: its Adafactor slots restored into T5X\'s optimizer state', source)
+  else:
+    slots = {}
+    logging.info('%s: T5X\'s optimizer state starts fresh (the checkpoint holds no '
+                 'Adafactor state of its shapes)', source)
+  return traverse_util.unflatten_dict({
+      key: slots[key] if slots.get(key) is not None else np.zeros(leaf.shape, leaf.dtype)
+      for key, leaf in want.items()})
+
+
+# -- bad input under T5X's entry points: one line ------------------------------
+
+_UNSET_GIN = re.compile(r'(\S+?)(/macro\.value)? set to `%gin\.REQUIRED` but not subsequently '
+                        r'overridden')
+_UNBOUND_GIN = re.compile(r'Required bindings for `(\S+)` not provided in config: \[(.*)\]')
+
+
+def one_line_error(exc: BaseException) -> Optional[str]:
+  """The one line for a known bad input under T5X (gin REQUIRED unset, a checkpoint
+  that does not fit), naming what and where; None for anything else."""
+  if isinstance(exc, CheckpointError):
+    return str(exc).splitlines()[0]
+  text = str(exc).splitlines()[0] if str(exc) else ''
+  unset, unbound = _UNSET_GIN.match(text), _UNBOUND_GIN.match(text)
+  if unset:
+    kind = 'macro' if unset.group(2) else 'binding'
+    names = [unset.group(1)]
+  elif unbound:
+    kind = 'binding'
+    names = [f'{unbound.group(1)}.{n.strip(" ")[1:-1]}' for n in unbound.group(2).split(',')]
+  else:
+    return None
+  flags = ' '.join(f'--gin.{n}=...' for n in names)
+  verb = 'is' if len(names) == 1 else 'are'
+  return (f'required gin {kind}{"s" * (len(names) > 1)} {", ".join(names)} {verb} not set '
+          f'(gin files: {", ".join(_gin_files()) or "none"}): add {flags}')
+
+
+def _gin_files() -> list:
+  try:
+    return list(absl_flags.FLAGS['gin_file'].value or [])
+  except (KeyError, absl_flags.Error):  # not a T5X entry point, or flags unparsed
+    return []
+
+
+class _OneLineErrors(absl_app.ExceptionHandler):
+  """absl calls it for an exception leaving T5X's main, before printing its
+  traceback; exits 2 after one line. (os._exit: absl swallows a SystemExit
+  raised here and re-raises the original exception.)"""
+
+  def wants(self, exc):
+    return one_line_error(exc) is not None
+
+  def handle(self, exc):
+    print(f'error: {one_line_error(exc)}', file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # pylint: disable=protected-access
+
+
+if not any(isinstance(h, _OneLineErrors) for h in absl_app.EXCEPTION_HANDLERS):
+  absl_app.install_exception_handler(_OneLineErrors())

@@ -70,3 +70,25 @@ def byte_task_vocabulary():
   yield vocabulary
   tasks.set_vocabulary(previous)
   tasks.set_data_dirs(None, None)
+
+
+def run_t5x(script: str, gin_file: str, cwd, *bindings: str, cache=None,
+            expect_rc: int = 0) -> str:
+  """`python -m t5x.<script>` (real T5X) on hyperprompt_t5x/gin/t5x/<gin_file>: its stderr.
+
+  The editable install keeps the gin files in the checkout: its root holds
+  hyperprompt_t5x/gin (a link to gin/), the path the gin includes use.
+  `cache`: a persistent XLA cache (`compilation_cache`) the run shares.
+  """
+  import subprocess
+  import sys
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
+  if cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  argv = [sys.executable, '-m', f't5x.{script}',
+          f'--gin_file=hyperprompt_t5x/gin/t5x/{gin_file}',
+          f'--gin_search_paths={REPO_ROOT}', *[f'--gin.{b}' for b in bindings]]
+  result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == expect_rc, result.stderr[-4000:]
+  return result.stderr

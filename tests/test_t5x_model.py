@@ -181,6 +181,24 @@ def test_restore_transformation_refuses_other_models_and_project_layouts():
   other = {'target': {'encoder': {'k': 1}, 'task_conditioning': {'q': 2}}, 'state': {}}
   with pytest.raises(CheckpointError, match='another method, size'):
     t5x_model.check_checkpoint_fits(other, target)
+  shaped = {'target': {'encoder': {'k': np.zeros((2, 3))}}, 'state': {}}
+  with pytest.raises(CheckpointError, match=r"1 of another shape, e.g. \['encoder/k: "
+                                            r"checkpoint \(2, 3\), model \(2, 4\)'\]"):
+    t5x_model.check_checkpoint_fits(shaped, {'target': {'encoder': {'k': np.zeros((2, 4))}}})
   project = {'step': 7, 'params': full['target'], 'opt_state': {}}
-  with pytest.raises(CheckpointError, match='hyperprompt-t5x eval'):
+  with pytest.raises(CheckpointError, match='project_checkpoint.gin'):
     t5x_model.check_checkpoint_fits(project, target)
+
+
+def test_known_bad_input_under_t5x_is_one_line():
+  from hyperprompt_t5x.checkpoints import CheckpointError
+  line = t5x_model.one_line_error
+  assert line(ValueError('MODEL_DIR/macro.value set to `%gin.REQUIRED` but not subsequently '
+                         'overridden.')).startswith(
+      'required gin macro MODEL_DIR is not set (gin files: ')
+  assert line(RuntimeError("Required bindings for `evaluate` not provided in config: "
+                           "['model', 'output_dir']")).endswith(
+      'add --gin.evaluate.model=... --gin.evaluate.output_dir=...')
+  assert line(CheckpointError('ckpt: does not fit\n  In call to configurable')) == (
+      'ckpt: does not fit')
+  assert line(ValueError('something else')) is None

@@ -5,9 +5,6 @@ here: T5X trains the model, and the project reads the checkpoint T5X wrote
 (parameters equal T5X's own reader's; `hyperprompt-t5x eval` scores it).
 """
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ except ImportError:
 
 from hyperprompt_t5x import cli  # noqa: E402
 
-from conftest import REPO_ROOT  # noqa: E402
+from conftest import run_t5x  # noqa: E402
 
 T5X_STEPS = 3
 DEMO_TASKS = ('hyperprompt_demo_has_a', 'hyperprompt_demo_max', 'hyperprompt_demo_min')
@@ -31,26 +28,12 @@ def _shared_compilation_cache(compilation_cache):
   return compilation_cache
 
 
-def _t5x(script, gin_file, tmp_path, *bindings):
-  """Runs `python -m t5x.<script>` on hyperprompt_t5x/gin/t5x/<gin_file>; its log."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
-  # The editable install keeps the gin files in the checkout: its root holds
-  # hyperprompt_t5x/gin (a link to gin/), the path the gin includes use.
-  argv = [sys.executable, '-m', f't5x.{script}',
-          f'--gin_file=hyperprompt_t5x/gin/t5x/{gin_file}',
-          f'--gin_search_paths={REPO_ROOT}', *[f'--gin.{b}' for b in bindings]]
-  result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result.stderr
-
-
 @pytest.fixture(scope='module')
 def t5x_run(tmp_path_factory):
   """A few T5X training steps of the demo model from scratch (T5X's own checkpoint)."""
   model_dir = tmp_path_factory.mktemp('t5x_train') / 'run'
-  log = _t5x('train', 'demo.gin', model_dir.parent, f"MODEL_DIR='{model_dir}'",
-             f'TRAIN_STEPS={T5X_STEPS}')
+  log = run_t5x('train', 'demo.gin', model_dir.parent, f"MODEL_DIR='{model_dir}'",
+                f'TRAIN_STEPS={T5X_STEPS}')
   return model_dir, log
 
 
