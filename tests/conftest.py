@@ -36,15 +36,23 @@ def t5x_tiny_checkpoint(shared_data) -> pathlib.Path:
   return shared_data / 't5x' / 'test_t5_tiny.checkpoint_0'
 
 
+def _session_root(tmp_path_factory) -> pathlib.Path:
+  """The session's temp root: shared by pytest-xdist's workers (each has a child of it)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
 @pytest.fixture(scope='module')
 def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for one test module (and its subprocesses).
+  """JAX's persistent compilation cache, one for the whole session (and its subprocesses).
 
-  One XLA compile per distinct program across the runs a module starts: the
-  trainer and demo tests build the same tiny programs many times.
+  One XLA compile per distinct program across every module, worker and
+  subprocess that uses it: the trainer, demo, reliability and T5X tests build
+  the same tiny programs many times. Entries are written whole or not read
+  (JAX recompiles on an unreadable entry), so the workers can share it.
   """
   import jax
-  cache = tmp_path_factory.getbasetemp() / 'xla_cache'
+  cache = _session_root(tmp_path_factory) / 'xla_cache'
   cache.mkdir(exist_ok=True)
   names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
            'jax_persistent_cache_min_entry_size_bytes')
