@@ -396,7 +396,8 @@ def parse_args(argv=None):
 
 
 def merge(paths: Sequence[str]) -> Dict[str, Any]:
-  """The union of several results.json: every part's records, in order, and all commands."""
+  """The union of several results.json: every part's records (ordered as METHODS, then
+  freeze mode) and all commands."""
   merged: Dict[str, Any] = {'meta': {'commands': []}}
   for path in paths:
     try:
@@ -409,6 +410,9 @@ def merge(paths: Sequence[str]) -> Dict[str, Any]:
       merged['meta'].setdefault(key, meta.get(key))
     for name in ('conflict', 'glue'):
       merged.setdefault(name, []).extend(results.get(name, []))
+  freezes = ('all', 'conditioning', 'prompts')
+  for name in ('conflict', 'glue'):
+    merged[name].sort(key=lambda r: (METHODS.index(r['method']), freezes.index(r['freeze'])))
   return merged
 
 

@@ -41,7 +41,7 @@ def test_two_step_smoke_writes_tables_plots_and_json(tmp_path):
   (tmp_path / 'other.json').write_text(json.dumps(other))
   merged = compare_methods.main(['--out_dir', str(tmp_path / 'merged'), '--merge',
                                  f"{out / 'results.json'},{tmp_path / 'other.json'}"])
-  assert [r['method'] for r in merged['conflict']] == ['global', 'sep']
+  assert [r['method'] for r in merged['conflict']] == ['sep', 'global']  # METHODS order
   table = (tmp_path / 'merged' / 'results.md').read_text()
   assert '| global | conditioning |' in table and '| sep | conditioning |' in table
   assert results['meta']['command'] in table and '--methods sep`' in table
