@@ -304,6 +304,7 @@ def plot(name: str, records: List[Dict[str, Any]], out_dir: pathlib.Path) -> Lis
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   files = []
+  colors = {m: f'C{i}' for i, m in enumerate(METHODS)}  # one colour per method in both plots
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in records:
     if r['freeze'] != 'all':
@@ -311,7 +312,7 @@ def plot(name: str, records: List[Dict[str, Any]], out_dir: pathlib.Path) -> Lis
     rows = best_lr(r)['rows']
     steps = [e['step'] for e in r['evals']]
     means = [float(np.asarray(e['scores'])[rows].mean()) for e in r['evals']]
-    ax.plot(steps, means, marker='o', label=r['method'])
+    ax.plot(steps, means, marker='o', label=r['method'], color=colors[r['method']])
   ax.set_xlabel('training step')
   ax.set_ylabel('validation exact match (mean over tasks)')
   ax.set_title(f'{name}: score vs step (freeze all, best LR, mean of seeds)')
@@ -320,13 +321,13 @@ def plot(name: str, records: List[Dict[str, Any]], out_dir: pathlib.Path) -> Lis
   files.append(f'{name}_score_vs_step.png')
   fig.savefig(out_dir / files[-1], dpi=110)
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(7, 4.5))
   markers = {'all': 'o', 'conditioning': 's', 'prompts': '^'}
-  for r in records:
+  for r in records:  # a legend, not labels: the top-right corner is crowded
     b = best_lr(r)
-    ax.scatter(max(r['added_params'], 1), b['mean'], marker=markers[r['freeze']])
-    ax.annotate(f"{r['method']}/{r['freeze']}", (max(r['added_params'], 1), b['mean']),
-                fontsize=7)
+    ax.scatter(max(r['added_params'], 1), b['mean'], marker=markers[r['freeze']],
+               color=colors[r['method']], alpha=0.8, label=f"{r['method']}/{r['freeze']}")
+  ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
   ax.set_xscale('log')
   ax.set_xlabel('added (conditioning) parameters (log; none plotted at 1)')
   ax.set_ylabel('final validation exact match (mean)')
