@@ -37,7 +37,8 @@ import time
 from typing import Callable, List, Optional
 
 TMP_MARK = '.orbax-checkpoint-tmp'
-FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+FAST_XLA = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
+            '--xla_cpu_use_fusion_emitters=false')  # fast XLA:CPU compiles
 
 
 def demo_args(model_dir, *extra, steps: int = 2, save: int = 2, eval_period=None) -> list:

@@ -7,10 +7,12 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('USE_TF', '0')
 os.environ.setdefault('TFDS_DISABLE_GCS', '1')
 # XLA's CPU compile dominates this suite (tiny models, many configs): skip
-# LLVM's expensive passes. Tests that start their own JAX processes set
-# XLA_FLAGS themselves.
-os.environ.setdefault(
-    'XLA_FLAGS', '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+# LLVM's expensive passes, and use XLA:CPU's classic loop fusion emitter instead
+# of the MLIR fusion emitters (a tiny train step compiles in ~40 % less time,
+# runs a little slower). Tests that start their own JAX processes pass these on.
+FAST_XLA_FLAGS = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
+                  '--xla_cpu_use_fusion_emitters=false')
+os.environ.setdefault('XLA_FLAGS', FAST_XLA_FLAGS)
 
 import pytest  # noqa: E402
 

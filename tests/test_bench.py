@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
 
 from bench import flops  # noqa: E402
 from bench import train_step  # noqa: E402  (no jax at import)
+from conftest import FAST_XLA_FLAGS  # noqa: E402
 
 # The keys both scripts must write, so one run compares side by side.
 REQUIRED_KEYS = train_step.RESULT_KEYS
@@ -150,8 +151,7 @@ def test_bench_runs_tiny_end_to_end_without_gin_seqio_tf(tmp_path):
   # Compile fast (unoptimised XLA:CPU code, rbg dropout keys): only plumbing is checked.
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
              JAX_DEFAULT_PRNG_IMPL='unsafe_rbg',
-             XLA_FLAGS='--xla_backend_optimization_level=0 '
-                       '--xla_llvm_disable_expensive_passes=true')
+             XLA_FLAGS=FAST_XLA_FLAGS)
   proc = subprocess.run([sys.executable, '-c', _BLOCKED_RUN, str(REPO)] + args,
                         capture_output=True, text=True, env=env, timeout=240, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,10 +19,9 @@ import pytest
 
 from hyperprompt_t5x import models, optim, partitioning, train_state
 import step_helpers  # tests/ is on sys.path under pytest (rootdir conftest)
+from conftest import FAST_XLA_FLAGS as FAST_XLA  # these subprocesses check numerics; compile dominates
 
 HELPER = pathlib.Path(step_helpers.__file__).resolve()
-# O0 codegen: these subprocesses check numerics, and XLA's CPU compile time dominates.
-FAST_XLA = '--xla_backend_optimization_level=0'
 
 
 def _env(**extra):
