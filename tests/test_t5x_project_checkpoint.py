@@ -128,6 +128,38 @@ def test_t5x_training_state_restores_a_lean_checkpoint_or_refuses_another_model(
         path=path, state_transformation_fns=[t5x_model.check_checkpoint_fits])
 
 
+def test_t5x_beam_search_on_the_trained_checkpoint_equals_the_projects_greedy(lean_run):
+  """T5X's `decoding.beam_search` (4 beams, task ids expanded per beam) through the
+  T5X model class, on the trained lean checkpoint: its best beam is the project's
+  greedy prediction for every validation input (in-process; no T5X entry point)."""
+  import jax
+  import seqio
+  from t5x import adafactor, decoding
+  from hyperprompt_t5x import checkpoints, network, t5x_model
+  from hyperprompt_t5x.tasks import mixtures
+  model_dir, _, rows = lean_run
+  fields = json.loads((model_dir / 'model_config.json').read_text())
+  fields.update(mlp_activations=tuple(fields['mlp_activations']))
+  vocabulary = seqio.ByteVocabulary()
+  model = t5x_model.HyperPromptEncoderDecoderModel(
+      network.Transformer(network.T5Config(**fields)), vocabulary, vocabulary,
+      adafactor.Adafactor(), decode_fn=decoding.beam_search)
+  params = checkpoints.load_t5x_params(str(model_dir / f'checkpoint_{STEPS}'))
+  inputs = np.zeros((len(rows), 8), np.int32)  # [batch, inputs_len]: bytes + EOS, padded
+  for i, r in enumerate(rows):
+    ids = vocabulary.encode(r['inputs']) + [1]
+    inputs[i, :len(ids)] = ids
+  batch = {'encoder_input_tokens': inputs,
+           'decoder_input_tokens': np.zeros((len(rows), 2), np.int32),
+           'task_ids': np.array([[mixtures.task_id('hyperprompt_demo', r['task'])] for r in rows],
+                                np.int32)}
+  decodes = jax.jit(lambda p, b: model.predict_batch_with_aux(
+      p, b, decoder_params={'alpha': 0.0})[0])(
+      params, batch)  # [batch, targets_len]: the best of 4 beams
+  beams = [vocabulary.decode([t for t in row if t > 1]) for row in np.asarray(decodes).tolist()]
+  assert beams == [r['prediction'] for r in rows]
+
+
 def test_t5x_gin_without_a_required_macro_fails_with_one_line(tmp_path):
   err = run_t5x('train', 'demo.gin', tmp_path, expect_rc=2)
   assert err.splitlines()[-1] == (
