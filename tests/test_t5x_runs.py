@@ -30,10 +30,15 @@ def _shared_compilation_cache(compilation_cache):
 
 @pytest.fixture(scope='module')
 def t5x_run(tmp_path_factory):
-  """A few T5X training steps of the demo model from scratch (T5X's own checkpoint)."""
+  """A few T5X training steps of the demo model from scratch (T5X's own checkpoint).
+
+  Without demo.gin's end-of-training evaluations (~10 s): T5X's seqio.Evaluator
+  on these tasks runs in test_t5x_project_checkpoint.py (`t5x.eval`).
+  """
   model_dir = tmp_path_factory.mktemp('t5x_train') / 'run'
   log = run_t5x('train', 'demo.gin', model_dir.parent, f"MODEL_DIR='{model_dir}'",
-                f'TRAIN_STEPS={T5X_STEPS}')
+                f'TRAIN_STEPS={T5X_STEPS}', 'train.infer_eval_dataset_cfg=None',
+                'train.train_eval_dataset_cfg=None')
   return model_dir, log
 
 
