@@ -32,6 +32,14 @@ def is_t5x_checkpoint(step_dir: str) -> bool:
   return _state_item_top_key(step_dir) == 'target'
 
 
+def step_of(step_dir: str) -> int:
+  """The step of a MODEL_DIR/checkpoint_<step> directory, by its name (as T5X reads it)."""
+  match = _STEP_DIR.fullmatch(os.path.basename(os.path.normpath(os.fspath(step_dir))))
+  if not match:
+    raise CheckpointError(f'{step_dir}: not a checkpoint_<step> directory')
+  return int(match.group(1))
+
+
 def is_project_checkpoint(step_dir: str) -> bool:
   """True for a checkpoint dir of this project's trainer: an orbax `state/`
   item whose tree has `params` ({step, params, opt_state}; T5X's has `target`)."""

@@ -246,10 +246,9 @@ def _check_checkpoint_params(have_tree, want_tree) -> None:
   if not any(p.startswith(key) for p in have):  # a backbone checkpoint: fresh conditioning
     want = {p: v for p, v in want.items() if not p.startswith(key)}
   missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  wrong = sorted(f'{p}: checkpoint {tuple(have[p].shape)}, model {tuple(want[p].shape)}'
-                 for p in set(want) & set(have)
-                 if _shape(have[p]) is not None and _shape(want[p]) is not None
-                 and _shape(have[p]) != _shape(want[p]))
+  shapes = {p: (_shape(have[p]), _shape(want[p])) for p in set(want) & set(have)}
+  wrong = sorted(f'{p}: checkpoint {h}, model {w}' for p, (h, w) in shapes.items()
+                 if h is not None and w is not None and h != w)
   problems = [f'{len(names)} {what}, e.g. {names[:3]}' for what, names in (
       ('parameter(s) missing', missing), ('unexpected', unexpected),
       ('of another shape', wrong)) if names]
@@ -337,8 +336,7 @@ def project_state_dict(step_dir: str, target: Mapping[str, Any]) -> dict:
   numpy leaves; the step is the directory's, as T5X reads it.
   """
   params, adafactor_state = t5x_checkpoint.load_params_and_optimizer_state(step_dir)
-  step = int(re.fullmatch(r'checkpoint_(\d+)', os.path.basename(os.path.normpath(step_dir)))
-             .group(1))
+  step = t5x_checkpoint_store.step_of(step_dir)
   state = {'step': np.asarray(step, np.int32)}
   if 'param_states' in target['state']:
     state['param_states'] = _t5x_param_states(
