@@ -32,7 +32,7 @@ ReLU halves the hidden's second moment); h's second layer He-scaled so I has
 unit variance; the Global hypernetworks are scaled so the *generated* D, U
 have variance 1/d and 2/b. Prompt elements then have variance ~1 (ratio of
 norms ~1 at random init, tested in 0.5-2x). On a restored backbone the
-trainer rescales U at step 0 (prompt_scale.py).
+trainer rescales U (Global: and fits z_m) at step 0 (prompt_scale.py).
 Generated weights are used as is: no normalisation at call time.
 
 Multi-task prompt tuning: `prompts` [T, l, d] prepended to the encoder input

@@ -8,17 +8,30 @@ At random initialisation the generators are scaled so the ratio is about 1
 (conditioning.py). A restored backbone has its own key/value scale (a trained
 T5's keys are not unit-variance), so at step 0 of a run that restores one
 (INITIAL_CHECKPOINT_PATH) the trainer logs the ratios on the first batch and
-`calibrate` rescales the generated up-projections so they are 1 there:
-per block for Share/Sep (U is per block), by the mean over blocks for
-Global (one hypernetwork generates every block's U). Prompt k/v are linear
-in U and its bias, so for Share/Sep the rescaled ratio is exactly 1 in the
-first layer of each stack and within a few % after (a later layer's real k/v move
-a little with the earlier layers' rescaled prompts).
+`calibrate` brings them to 1 there:
+
+* Share/Sep: U (and its bias) divided by each block's ratio (U is per block;
+  prompt k/v are linear in U).
+* Global: one hypernetwork generates every block's U, so dividing it fixes
+  only the mean over blocks; the per-block spread (0.3-2.6x on the real T5X
+  checkpoint) is then removed by fitting the layer embeddings z_m, the only
+  per-block parameters, so each block's prompt norms match its real ones
+  (100 Adam steps on the prompt generator alone: prompts do not depend on
+  the examples). A data-dependent initialisation of z; the parameter tree
+  and the method are unchanged. z_m sets a block's prompt scale, not the
+  balance of its keys and values (H_k and H_v share I_τ^m, and the norm of
+  a random projection hardly depends on its input's direction): a block
+  whose key and value ratios differ keeps their quotient.
+
+The ratio is then exactly 1 (Share/Sep) or within the fit's tolerance
+(Global) in the first layer of each stack, and within a few % after (a later
+layer's real k/v move a little with the earlier layers' rescaled prompts).
 """
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from hyperprompt_t5x import analysis
 from hyperprompt_t5x import conditioning
@@ -62,17 +75,75 @@ def per_block(ratios: Ratios, name: str) -> jax.Array:
                           if k in ratios])
 
 
-def calibrate(config: network.T5Config, params, ratios: Ratios):
-  """params with the prompt up-projections divided by the measured ratios."""
+def prompt_norms(config: network.T5Config, cond_params, task_ids: jax.Array
+                 ) -> Dict[str, jax.Array]:
+  """{'key', 'value'}: [M] mean per-head prompt norm per block over the examples of
+  `task_ids` (the numerator of norm_ratios), from the conditioning params alone."""
+  prompts = conditioning.TaskConditioning(config).apply({'params': cond_params}, task_ids)
+  # Each example weighs its task's prompts: [T] fraction of the batch.
+  weights = jnp.mean(jax.nn.one_hot(task_ids.reshape(-1), config.num_tasks), axis=0)
+  out = {}
+  for i, name in enumerate(('key', 'value')):
+    per_kind = []
+    for kind in ('encoder', 'decoder', 'cross'):
+      if kind in prompts:
+        # [layers, T, l, heads, kv] -> [layers, T] -> [layers]; a zero row (every
+        # ReLU unit off) has norm 0 and gradient 0, not linalg.norm's NaN.
+        squares = jnp.sum(jnp.square(prompts[kind][i]), axis=-1)
+        norms = jnp.mean(jnp.sqrt(squares + 1e-20), axis=(2, 3))
+        per_kind.append(norms @ weights)
+    out[name] = jnp.concatenate(per_kind)
+  return out
+
+
+def fit_layer_embeddings(config: network.T5Config, cond_params, task_ids: jax.Array,
+                         targets: Mapping[str, jax.Array], steps: int = 100,
+                         learning_rate: float = 0.1):
+  """Global: cond_params with `layer_embedding` [M, t'] fitted (Adam on squared log
+  error) so each block's prompt key and value norms equal `targets` ({name: [M]})."""
+  log_targets = {k: jnp.log(v) for k, v in targets.items()}
+
+  def loss(z):
+    norms = prompt_norms(config, {**cond_params, 'layer_embedding': z}, task_ids)
+    return sum(jnp.sum((jnp.log(norms[k]) - log_targets[k]) ** 2) for k in norms)
+
+  opt = optax.adam(learning_rate)
+
+  def step(carry, _):
+    z, opt_state = carry
+    grads = jax.grad(loss)(z)
+    updates, opt_state = opt.update(grads, opt_state)
+    return (optax.apply_updates(z, updates), opt_state), None
+
+  z0 = cond_params['layer_embedding']
+  (z, _), _ = jax.lax.scan(step, (z0, opt.init(z0)), None, length=steps)
+  return {**cond_params, 'layer_embedding': z}
+
+
+def calibrate(config: network.T5Config, params, ratios: Ratios,
+              task_ids: Optional[jax.Array] = None):
+  """params with the prompts rescaled by the measured ratios: U per block (Share/Sep);
+  the hypernetworks by the mean, then the layer embeddings fitted to the blocks' real
+  norms on the examples of `task_ids` (Global; the batch the ratios were measured on)."""
   if not ratios:
     return params
   cond = dict(params[network.CONDITIONING_KEY])
+  if config.method == 'global':
+    if task_ids is None:
+      if config.num_tasks != 1:
+        raise ValueError('calibrate: HyperPrompt-Global with num_tasks='
+                         f'{config.num_tasks} needs the task_ids of the measured batch')
+      task_ids = jnp.zeros((1,), jnp.int32)
+    targets = {k: v / per_block(ratios, k)
+               for k, v in prompt_norms(config, cond, task_ids).items()}
+    for name in ('key', 'value'):
+      gen = dict(cond[f'hyper_{name}_up'])
+      cond[f'hyper_{name}_up'] = {k: v / jnp.mean(per_block(ratios, name))
+                                  for k, v in gen.items()}
+    cond = fit_layer_embeddings(config, cond, task_ids, targets)
+    return {**params, network.CONDITIONING_KEY: cond}
   for name in ('key', 'value'):
     r = per_block(ratios, name)  # [M]
-    if config.method == 'global':
-      gen = dict(cond[f'hyper_{name}_up'])
-      cond[f'hyper_{name}_up'] = {k: v / jnp.mean(r) for k, v in gen.items()}
-      continue
     # share: [M, ...]; sep: [T, M, ...] (the block axis first after tasks)
     axis = 0 if config.method == 'share' else 1
     for leaf in (f'{name}_up', f'{name}_up_bias'):

@@ -80,7 +80,8 @@ def train(*,
   (RESTORE_OPTIMIZER_STATE: with it, the Adafactor state and step the initial
   checkpoint holds, as T5X fine-tunes; see run_setup.restore_optimizer_state),
   calibrate_prompt_scale (CALIBRATE_PROMPT_SCALE: at step 0 of a run from
-  initial_checkpoint_path, rescale the prompt generators U so the prompt/real key-value
+  initial_checkpoint_path, rescale the prompt generators U (Global: and fit its layer
+  embeddings) so the prompt/real key-value
   norm ratios are 1 on the first batch; the ratios are logged either way; prompt_scale.py),
   save_period (SAVE_PERIOD),
   eval_period (EVAL_PERIOD; 0 = evaluate only at the end, None = never),
@@ -208,8 +209,8 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
 
 
 def _calibrate_prompt_scale(model_config, state, batch, mesh, rescale: bool):
-  """Step 0 from a restored backbone: log prompt/real k/v norm ratios; rescale U to 1
-  (unless `rescale` is False: CALIBRATE_PROMPT_SCALE = False keeps the init's U)."""
+  """Step 0 from a restored backbone: log prompt/real k/v norm ratios; bring them to 1
+  (unless `rescale` is False: CALIBRATE_PROMPT_SCALE = False keeps the init's generators)."""
   from hyperprompt_t5x import partitioning, prompt_scale  # pylint: disable=g-import-not-at-top
   sharded = partitioning.shard_batch(batch, mesh)
   ratios_fn = jax.jit(lambda p, b: prompt_scale.norm_ratios(model_config, p, b))
@@ -221,10 +222,11 @@ def _calibrate_prompt_scale(model_config, state, batch, mesh, rescale: bool):
   if not rescale:
     log(f'{message}; not rescaled (CALIBRATE_PROMPT_SCALE = False)')
     return state
-  params = jax.jit(lambda p, r: prompt_scale.calibrate(model_config, p, r))(state.params, before)
+  params = jax.jit(lambda p, r, t: prompt_scale.calibrate(model_config, p, r, t))(
+      state.params, before, sharded.get('task_ids'))
   params = jax.device_put(params, jax.tree_util.tree_map(lambda x: x.sharding, state.params))
   after = ratios_fn(params, sharded)
-  log(f'{message}; after rescaling U: {prompt_scale.format_ratios(after)}')
+  log(f'{message}; after rescaling: {prompt_scale.format_ratios(after)}')
   return state.replace(params=params)
 
 

@@ -47,7 +47,7 @@ def test_ratios_on_the_t5x_checkpoint_are_one_after_calibration(method, flags,
   @jax.jit
   def run(params):
     before = prompt_scale.norm_ratios(cfg, params, batch)
-    calibrated = prompt_scale.calibrate(cfg, params, before)
+    calibrated = prompt_scale.calibrate(cfg, params, before, batch['task_ids'])
     return before, prompt_scale.norm_ratios(cfg, calibrated, batch), calibrated
 
   before, after, calibrated = jax.device_get(run(params))
@@ -57,18 +57,16 @@ def test_ratios_on_the_t5x_checkpoint_are_one_after_calibration(method, flags,
     for name in ('key', 'value'):
       b, a = np.asarray(before[kind][name]), np.asarray(after[kind][name])
       assert b.shape == (2,) and np.all((b > 0.2) & (b < 5)), (kind, name, b)
-      if method == 'global':  # one hypernetwork for all blocks: the mean is 1
-        assert np.all((a > 0.5) & (a < 2)), (kind, name, a)
-      else:
-        # Exact at layer 0; a later layer's real k/v move a little with the earlier prompts.
-        np.testing.assert_allclose(a, 1.0, rtol=5e-2, err_msg=f'{kind} {name}')
-  if method == 'global':
-    for name in ('key', 'value'):
-      np.testing.assert_allclose(np.mean(prompt_scale.per_block(after, name)), 1.0, rtol=5e-2)
-  # Only the up-projections changed; the backbone is untouched.
+      # Exact at layer 0 (Global: to the fit's tolerance); a later layer's real k/v
+      # move a little with the earlier prompts.
+      np.testing.assert_allclose(a, 1.0, rtol=6e-2, err_msg=f'{kind} {name}')
+  # Only the up-projections (and Global's layer embeddings) changed; the backbone is untouched.
   flat_a, flat_b = checkpoints.flatten_params(params), checkpoints.flatten_params(calibrated)
   changed = sorted(k for k in flat_a if not np.array_equal(flat_a[k], flat_b[k]))
-  assert changed and all('_up' in k for k in changed), changed
+  allowed = ('_up', 'layer_embedding') if method == 'global' else ('_up',)
+  assert changed and all(any(a in k for a in allowed) for k in changed), changed
+  if method == 'global':
+    assert any('layer_embedding' in k for k in changed), changed
 
 
 # ----------------------------------------------------------------------------
@@ -76,7 +74,7 @@ def test_ratios_on_the_t5x_checkpoint_are_one_after_calibration(method, flags,
 # ----------------------------------------------------------------------------
 
 _LINE = re.compile(r'prompt/real key-value norm ratio per block on the first batch: (.*?); '
-                   r'(?:after rescaling U: (.*)|not rescaled \(CALIBRATE_PROMPT_SCALE = False\))$')
+                   r'(?:after rescaling: (.*)|not rescaled \(CALIBRATE_PROMPT_SCALE = False\))$')
 
 
 def _parse_ratios(text):
@@ -92,8 +90,9 @@ def _parse_ratios(text):
 
 @pytest.fixture(scope='module')
 def restored_runs(tmp_path_factory, t5x_tiny_checkpoint, compilation_cache):
-  """{rescale: (ratio lines, checkpoint_1 params)}: 1 demo step from the real T5X checkpoint,
-  HyperPrompt-Share, FREEZE='prompts' (the generators U stay as step 0 left them)."""
+  """{(method, rescale): (ratio lines, checkpoint_1 params)}: 1 demo step from the real T5X
+  checkpoint, FREEZE='prompts' (the generators stay as step 0 left them); HyperPrompt-Share
+  with the switch on and off, Global with it on."""
   del compilation_cache  # the second run reuses the first's compiled programs
   from bench.kill_harness import demo_args
   cfg = t5x_checkpoint.t5x_config_from_params(
@@ -102,23 +101,24 @@ def restored_runs(tmp_path_factory, t5x_tiny_checkpoint, compilation_cache):
       'vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
       'num_decoder_layers', 'mlp_dim')]  # the checkpoint's shapes over demo.gin's
   runs = {}
-  for rescale in (True, False):
-    model_dir = tmp_path_factory.mktemp(f'rescale_{rescale}') / 'run'
+  for method, rescale in (('share', True), ('share', False), ('global', True)):
+    model_dir = tmp_path_factory.mktemp(f'{method}_rescale_{rescale}') / 'run'
     args = demo_args(model_dir, f'--gin.INITIAL_CHECKPOINT_PATH={t5x_tiny_checkpoint}',
-                     "--gin.METHOD='share'", "--gin.FREEZE='prompts'",
+                     f"--gin.METHOD='{method}'", "--gin.FREEZE='prompts'",
                      f'--gin.CALIBRATE_PROMPT_SCALE={rescale}',
                      *shapes, steps=1, save=1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
       assert cli.run(args) == 0
     lines = [m for m in map(_LINE.match, out.getvalue().splitlines()) if m]
-    runs[rescale] = (lines, checkpoints.flatten_params(
+    runs[method, rescale] = (lines, checkpoints.flatten_params(
         checkpoints.load_t5x_params(str(model_dir / 'checkpoint_1'))))
   return runs
 
 
-def test_restored_run_logs_ratios_and_rescales_them_to_one(restored_runs):
-  (line,), _ = restored_runs[True]
+@pytest.mark.parametrize('method', ['share', 'global'])
+def test_restored_run_logs_ratios_and_rescales_them_to_one(restored_runs, method):
+  (line,), _ = restored_runs[method, True]
   before, after = _parse_ratios(line.group(1)), _parse_ratios(line.group(2))
   assert sorted(before) == sorted(after) == ['decoder', 'encoder']
   for name in ('key', 'value'):
@@ -126,13 +126,16 @@ def test_restored_run_logs_ratios_and_rescales_them_to_one(restored_runs):
     a = np.concatenate([after[k][name] for k in ('encoder', 'decoder')])
     assert b.shape == a.shape == (4,) and np.all((b > 0.1) & (b < 10)), (name, b)
     assert np.any(np.abs(b - 1) > 0.05), (name, b)  # there was something to rescale
-    # Share: U per block, so every block's ratio is 1 (exact in each stack's first layer).
-    np.testing.assert_allclose(a, 1.0, atol=0.05, err_msg=name)
+    # Share: U per block, so every block's ratio is 1 (exact in each stack's first
+    # layer); Global: the hypernetworks by the mean, then the layer embeddings fitted.
+    np.testing.assert_allclose(a, 1.0, atol=0.06, err_msg=name)
+    if method == 'global':  # the blocks were far apart, not only off by a common factor
+      assert np.max(b) / np.min(b) > 2, (name, b)
 
 
 def test_calibrate_prompt_scale_false_logs_ratios_and_keeps_u(restored_runs, capsys):
-  (on,), on_params = restored_runs[True]
-  (off,), off_params = restored_runs[False]
+  (on,), on_params = restored_runs['share', True]
+  (off,), off_params = restored_runs['share', False]
   assert off.group(2) is None  # 'not rescaled', no after-figures
   before = _parse_ratios(on.group(1))
   assert _parse_ratios(off.group(1)) == before  # same init, same first batch
