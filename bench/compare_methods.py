@@ -398,8 +398,10 @@ def parse_args(argv=None):
 
 def merge(paths: Sequence[str]) -> Dict[str, Any]:
   """The union of several results.json: every part's records (ordered as METHODS, then
-  freeze mode) and all commands."""
+  freeze mode) and all commands; a (part, method, freeze) in a later file replaces the
+  earlier one's (a rerun of a configuration updates it)."""
   merged: Dict[str, Any] = {'meta': {'commands': []}}
+  records: Dict[str, Dict[Any, Dict[str, Any]]] = {}
   for path in paths:
     try:
       results = json.loads(pathlib.Path(path).read_text())
@@ -410,10 +412,12 @@ def merge(paths: Sequence[str]) -> Dict[str, Any]:
     for key in ('conflict_tasks', 'glue_tasks', 'cpu_count'):
       merged['meta'].setdefault(key, meta.get(key))
     for name in ('conflict', 'glue'):
-      merged.setdefault(name, []).extend(results.get(name, []))
+      for r in results.get(name, []):
+        records.setdefault(name, {})[r['method'], r['freeze']] = r
   freezes = ('all', 'conditioning', 'prompts')
   for name in ('conflict', 'glue'):
-    merged[name].sort(key=lambda r: (METHODS.index(r['method']), freezes.index(r['freeze'])))
+    merged[name] = sorted(records.get(name, {}).values(), key=lambda r: (
+        METHODS.index(r['method']), freezes.index(r['freeze'])))
   return merged
 
 

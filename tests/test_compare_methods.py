@@ -39,9 +39,16 @@ def test_two_step_smoke_writes_tables_plots_and_json(tmp_path):
   other['meta']['command'] = 'python bench/compare_methods.py --methods sep'
   other['conflict'][0]['method'] = 'sep'
   (tmp_path / 'other.json').write_text(json.dumps(other))
+  rerun = json.loads((out / 'results.json').read_text())
+  rerun['meta']['command'] += ' --rerun'
+  rerun['conflict'][0]['step_ms_vmapped'] = -1.0
+  (tmp_path / 'rerun.json').write_text(json.dumps(rerun))
   merged = compare_methods.main(['--out_dir', str(tmp_path / 'merged'), '--merge',
-                                 f"{out / 'results.json'},{tmp_path / 'other.json'}"])
+                                 f"{out / 'results.json'},{tmp_path / 'other.json'},"
+                                 f"{tmp_path / 'rerun.json'}"])
   assert [r['method'] for r in merged['conflict']] == ['sep', 'global']  # METHODS order
+  # The rerun of global/conditioning replaced the first run's record.
+  assert merged['conflict'][1]['step_ms_vmapped'] == -1.0
   table = (tmp_path / 'merged' / 'results.md').read_text()
   assert '| global | conditioning |' in table and '| sep | conditioning |' in table
   assert results['meta']['command'] in table and '--methods sep`' in table
