@@ -25,9 +25,10 @@ T5's keys are not unit-variance), so at step 0 of a run that restores one
 
 The ratio is then exactly 1 (Share/Sep) or within the fit's tolerance
 (Global) in the first layer of each stack, and within a few % after (a later
-layer's real k/v move a little with the earlier layers' rescaled prompts).
+layer's real k/v move a little with the earlier layers' rescaled prompts;
+Global, whose fit moves them more, is measured and fitted twice).
 """
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,33 @@ def calibrate(config: network.T5Config, params, ratios: Ratios,
         shape[axis] = r.shape[0]
         cond[leaf] = cond[leaf] / r.reshape(shape)
   return {**params, network.CONDITIONING_KEY: cond}
+
+
+def calibrate_first_batch(config: network.T5Config, params, batch: Mapping[str, Any],
+                          rescale: bool) -> Tuple[Any, Optional[str]]:
+  """Step 0 of a run from a restored backbone, for both trainers: (params, log line).
+
+  Measures the ratios on `batch` (global arrays); unless `rescale` is False
+  (CALIBRATE_PROMPT_SCALE), calibrates and measures again. The params keep
+  their shardings. (params, None) for methods without hyper-prompts.
+  """
+  ratios_fn = jax.jit(lambda p, b: norm_ratios(config, p, b))
+  before = ratios_fn(params, batch)
+  if not before:
+    return params, None
+  message = ('prompt/real key-value norm ratio per block on the first batch: '
+             f'{format_ratios(before)}')
+  if not rescale:
+    return params, f'{message}; not rescaled (CALIBRATE_PROMPT_SCALE = False)'
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
+  calibrate_fn = jax.jit(lambda p, r, t: calibrate(config, p, r, t), out_shardings=shardings)
+  # Global's fit moves the earlier blocks' prompts more than Share/Sep's exact rescale,
+  # and with them the later blocks' real keys: a second round measures and fits again.
+  ratios = before
+  for _ in range(2 if config.method == 'global' else 1):
+    params = calibrate_fn(params, ratios, batch.get('task_ids'))
+    ratios = ratios_fn(params, batch)
+  return params, f'{message}; after rescaling: {format_ratios(ratios)}'
 
 
 def format_ratios(ratios: Mapping[str, Mapping[str, Any]]) -> str:

@@ -25,6 +25,7 @@ it (tests/test_t5x_model.py checks), so the rest works without T5X.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import sys
@@ -42,12 +43,15 @@ from t5x import adafactor
 from t5x import checkpoints as t5x_checkpoints
 from t5x import decoding as t5x_decoding
 from t5x import models as t5x_models
+from t5x import partitioning as t5x_partitioning
 from t5x import state_utils
 
+from hyperprompt_t5x import conditioning
 from hyperprompt_t5x import decoding
 from hyperprompt_t5x import optim
 from hyperprompt_t5x import network
 from hyperprompt_t5x import partitioning
+from hyperprompt_t5x import prompt_scale
 from hyperprompt_t5x import t5x_checkpoint
 from hyperprompt_t5x import t5x_checkpoint_store
 from hyperprompt_t5x.checkpoints import CheckpointError
@@ -196,6 +200,62 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     if return_all_decodes:
       return decodes, {'scores': scores}
     return decodes[:, -1, :], {'scores': scores[:, -1]}
+
+
+# -- step 0 of a fine-tuning run: prompt scale -------------------------------------
+
+def prompt_scale_trainer(*, trainer_cls, initial_checkpoint_path: Optional[str] = None,
+                         calibrate_prompt_scale: bool = True, **kwargs):
+  """T5X's `train.trainer_cls` for fine-tuning (gin/t5x/finetune.gin): `trainer_cls(**kwargs)`
+  whose first `train` call starts with the lean trainer's step 0 on a restored backbone.
+
+  When this run starts from `initial_checkpoint_path` (INITIAL_CHECKPOINT_PATH:
+  the state's step is that checkpoint_<step>'s, or, for a name without a
+  step, MODEL_DIR holds no checkpoint yet), the prompt/real key-value norm
+  ratios of the first batch are logged and, unless `calibrate_prompt_scale`
+  is False (CALIBRATE_PROMPT_SCALE), brought to 1 (prompt_scale.py); that
+  batch is then trained on as usual. T5X's checkpoint before the loop holds
+  the uncalibrated state at that same step, so a resume from it calibrates
+  again, alike (for a checkpoint name without a step, it does not).
+  """
+  if not isinstance(calibrate_prompt_scale, bool):
+    raise ValueError(f'calibrate_prompt_scale must be a bool (gin macro '
+                     f'CALIBRATE_PROMPT_SCALE), got {calibrate_prompt_scale!r}')
+  trainer = trainer_cls(**kwargs)
+  model = kwargs['model']
+  if (not initial_checkpoint_path or not isinstance(model, HyperPromptEncoderDecoderModel)
+      or model.config.method not in conditioning.HYPERPROMPT_METHODS):
+    return trainer
+  step = int(np.asarray(jax.device_get(trainer.train_state.step)))
+  try:
+    fresh = step == t5x_checkpoint_store.step_of(initial_checkpoint_path)
+  except CheckpointError:  # not named checkpoint_<step>
+    fresh = not t5x_checkpoints.all_steps(os.fspath(kwargs['summary_dir']))
+  if not fresh:
+    return trainer
+  train = trainer.train
+
+  def train_calibrating_first(batch_iter, num_steps, start_step=None):
+    trainer.train = train  # once
+    batch_iter = iter(batch_iter)
+    first = next(batch_iter)
+    batch = {k: v for k, v in first.items()}
+    batch[TASK_IDS] = model._task_ids(batch)  # pylint: disable=protected-access
+    partitioner = kwargs['partitioner']
+    if jax.process_count() > 1:
+      batch = t5x_partitioning.host_local_array_to_global_array(
+          batch, partitioner.mesh, partitioner.data_partition_spec)
+    params = flax.core.unfreeze(trainer.train_state.params)
+    params, message = prompt_scale.calibrate_first_batch(
+        model.config, params, batch, calibrate_prompt_scale)
+    logging.info('%s', message)
+    trainer.train_state = trainer.train_state.replace_params(
+        flax.core.freeze(params) if isinstance(trainer.train_state.params, flax.core.FrozenDict)
+        else params)
+    return train(itertools.chain([first], batch_iter), num_steps, start_step)
+
+  trainer.train = train_calibrating_first
+  return trainer
 
 
 # -- T5X-side configuration (named in gin/t5x/*.gin) ------------------------------

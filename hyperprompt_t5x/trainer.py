@@ -212,21 +212,11 @@ def _calibrate_prompt_scale(model_config, state, batch, mesh, rescale: bool):
   """Step 0 from a restored backbone: log prompt/real k/v norm ratios; bring them to 1
   (unless `rescale` is False: CALIBRATE_PROMPT_SCALE = False keeps the init's generators)."""
   from hyperprompt_t5x import partitioning, prompt_scale  # pylint: disable=g-import-not-at-top
-  sharded = partitioning.shard_batch(batch, mesh)
-  ratios_fn = jax.jit(lambda p, b: prompt_scale.norm_ratios(model_config, p, b))
-  before = ratios_fn(state.params, sharded)
-  if not before:
+  params, message = prompt_scale.calibrate_first_batch(
+      model_config, state.params, partitioning.shard_batch(batch, mesh), rescale)
+  if message is None:
     return state
-  message = ('prompt/real key-value norm ratio per block on the first batch: '
-             f'{prompt_scale.format_ratios(before)}')
-  if not rescale:
-    log(f'{message}; not rescaled (CALIBRATE_PROMPT_SCALE = False)')
-    return state
-  params = jax.jit(lambda p, r, t: prompt_scale.calibrate(model_config, p, r, t))(
-      state.params, before, sharded.get('task_ids'))
-  params = jax.device_put(params, jax.tree_util.tree_map(lambda x: x.sharding, state.params))
-  after = ratios_fn(params, sharded)
-  log(f'{message}; after rescaling: {prompt_scale.format_ratios(after)}')
+  log(message)
   return state.replace(params=params)
 
 

@@ -1,5 +1,6 @@
 """The T5X model class: same loss, scores and decodes as the project's model, every method."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from t5x import optimizers as t5x_optimizers  # noqa: E402
 
 from hyperprompt_t5x import models  # noqa: E402
 from hyperprompt_t5x import network  # noqa: E402
+from hyperprompt_t5x import prompt_scale  # noqa: E402
 from hyperprompt_t5x import t5x_model  # noqa: E402
 
 TARGET_LEN = 4
@@ -211,3 +213,80 @@ def test_known_bad_input_under_t5x_is_one_line():
   assert line(CheckpointError('ckpt: does not fit\n  In call to configurable')) == (
       'ckpt: does not fit')
   assert line(ValueError('something else')) is None
+
+
+class _FakeTrainer:
+  """T5X's BaseTrainer surface that prompt_scale_trainer uses: train_state, train()."""
+
+  def __init__(self, *, model, train_state, partitioner, summary_dir):
+    del model, partitioner, summary_dir
+    self.train_state = train_state
+    self.trained_on = []
+
+  def train(self, batch_iter, num_steps, start_step=None):
+    del start_step
+    self.trained_on += [next(batch_iter) for _ in range(num_steps)]
+
+
+class _FakeState:
+  def __init__(self, step, params):
+    self.step, self.params = jnp.asarray(step), params
+
+  def replace_params(self, params):
+    return _FakeState(self.step, params)
+
+
+class _FakePartitioner:
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  data_partition_spec = None
+
+
+@pytest.mark.parametrize('method,path,step,dir_steps,calibrates', [
+    ('global', 'gs://b/t5_1_1_base/checkpoint_7', 7, [], True),  # fresh from the checkpoint
+    ('global', 'gs://b/t5_1_1_base/checkpoint_7', 7, [7], True),  # resumed from T5X's step-7 save
+    ('global', 'gs://b/t5_1_1_base/checkpoint_7', 9, [7, 9], False),  # resumed after training
+    ('share', '/ckpts/t5_tiny', 0, [], True),  # a name without a step: MODEL_DIR is empty
+    ('share', '/ckpts/t5_tiny', 0, [0], False),
+    ('global', None, 0, [], False),  # from scratch
+    ('prompt_tuning', 'gs://b/checkpoint_7', 7, [], False),  # no hyper-prompts
+])
+def test_prompt_scale_trainer_calibrates_at_the_first_step_from_a_checkpoint(
+    method, path, step, dir_steps, calibrates, tmp_path, caplog):
+  config = _config(method)
+  model = _t5x_model(config)
+  for s in dir_steps:
+    (tmp_path / f'checkpoint_{s}').mkdir()
+    (tmp_path / f'checkpoint_{s}' / 'checkpoint').write_bytes(b'')
+  params = jax.tree_util.tree_map(jnp.asarray, network.random_params(config, seed=1))
+  trainer = t5x_model.prompt_scale_trainer(
+      trainer_cls=_FakeTrainer, initial_checkpoint_path=path, model=model,
+      train_state=_FakeState(step, flax.core.freeze(params)),
+      partitioner=_FakePartitioner(), summary_dir=str(tmp_path))
+  batches = [_batch(), dict(_batch(), task_ids=np.array([[2], [2], [0], [1]], np.int32))]
+  caplog.set_level('INFO', logger='absl')  # the CLI (other tests) quiets absl
+  trainer.train(iter(batches), 2)
+  # The first batch is trained on, whether or not it was measured first.
+  assert [b['task_ids'].tolist() for b in trainer.trained_on] == [
+      b['task_ids'].tolist() for b in batches]
+  lines = [r.getMessage() for r in caplog.records if 'norm ratio per block' in r.getMessage()]
+  got = flax.core.unfreeze(trainer.train_state.params)
+  same = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
+                                                  jax.tree_util.tree_leaves(params)))
+  if not calibrates:
+    assert not lines and same
+    return
+  assert len(lines) == 1 and 'after rescaling: ' in lines[0] and not same
+  assert isinstance(trainer.train_state.params, flax.core.FrozenDict)  # T5X's type kept
+  after = prompt_scale.norm_ratios(config, got, _project_batch(batches[0]))
+  for kind in after:
+    for name in ('key', 'value'):
+      np.testing.assert_allclose(after[kind][name], 1.0, atol=0.06, err_msg=f'{kind} {name}')
+  trainer.train(iter(batches), 1)  # later calls train as T5X's trainer does: no second line
+  assert len(trainer.trained_on) == 3
+  assert sum('norm ratio per block' in r.getMessage() for r in caplog.records) == 1
+
+
+def test_prompt_scale_trainer_switch_must_be_a_bool():
+  with pytest.raises(ValueError, match='calibrate_prompt_scale must be a bool.*'
+                                       'CALIBRATE_PROMPT_SCALE'):
+    t5x_model.prompt_scale_trainer(trainer_cls=_FakeTrainer, calibrate_prompt_scale='no')
