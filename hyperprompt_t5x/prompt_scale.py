@@ -135,12 +135,11 @@ def calibrate(config: network.T5Config, params, ratios: Ratios,
         raise ValueError('calibrate: HyperPrompt-Global with num_tasks='
                          f'{config.num_tasks} needs the task_ids of the measured batch')
       task_ids = jnp.zeros((1,), jnp.int32)
-    targets = {k: v / per_block(ratios, k)
-               for k, v in prompt_norms(config, cond, task_ids).items()}
+    r = {name: per_block(ratios, name) for name in ('key', 'value')}  # [M] each
+    targets = {k: v / r[k] for k, v in prompt_norms(config, cond, task_ids).items()}
     for name in ('key', 'value'):
-      gen = dict(cond[f'hyper_{name}_up'])
-      cond[f'hyper_{name}_up'] = {k: v / jnp.mean(per_block(ratios, name))
-                                  for k, v in gen.items()}
+      cond[f'hyper_{name}_up'] = {k: v / jnp.mean(r[name])
+                                  for k, v in cond[f'hyper_{name}_up'].items()}
     cond = fit_layer_embeddings(config, cond, task_ids, targets)
     return {**params, network.CONDITIONING_KEY: cond}
   for name in ('key', 'value'):

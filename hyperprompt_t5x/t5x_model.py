@@ -52,6 +52,7 @@ from hyperprompt_t5x import optim
 from hyperprompt_t5x import network
 from hyperprompt_t5x import partitioning
 from hyperprompt_t5x import prompt_scale
+from hyperprompt_t5x import run_setup
 from hyperprompt_t5x import t5x_checkpoint
 from hyperprompt_t5x import t5x_checkpoint_store
 from hyperprompt_t5x.checkpoints import CheckpointError
@@ -218,9 +219,7 @@ def prompt_scale_trainer(*, trainer_cls, initial_checkpoint_path: Optional[str] 
   the uncalibrated state at that same step, so a resume from it calibrates
   again, alike (for a checkpoint name without a step, it does not).
   """
-  if not isinstance(calibrate_prompt_scale, bool):
-    raise ValueError(f'calibrate_prompt_scale must be a bool (gin macro '
-                     f'CALIBRATE_PROMPT_SCALE), got {calibrate_prompt_scale!r}')
+  run_setup.require('calibrate_prompt_scale', calibrate_prompt_scale, bool)
   trainer = trainer_cls(**kwargs)
   model = kwargs['model']
   if (not initial_checkpoint_path or not isinstance(model, HyperPromptEncoderDecoderModel)
@@ -239,7 +238,7 @@ def prompt_scale_trainer(*, trainer_cls, initial_checkpoint_path: Optional[str] 
     trainer.train = train  # once
     batch_iter = iter(batch_iter)
     first = next(batch_iter)
-    batch = {k: v for k, v in first.items()}
+    batch = dict(first)
     batch[TASK_IDS] = model._task_ids(batch)  # pylint: disable=protected-access
     partitioner = kwargs['partitioner']
     if jax.process_count() > 1:
