@@ -1,8 +1,4 @@
-"""hyperprompt_t5x: HyperPrompt (He et al., ICML 2022) for T5 1.1 in JAX/Flax, T5X-style.
-
-`tasks/` and `gin/` live at the top of the repository and install as
-`hyperprompt_t5x.tasks` and `hyperprompt_t5x/gin/*.gin`.
-"""
+"""hyperprompt_t5x: HyperPrompt (He et al., ICML 2022) for T5 1.1 in JAX/Flax, T5X-style."""
 import pathlib
 
 import setuptools
@@ -23,27 +19,21 @@ setuptools.setup(
     long_description=(_HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=['hyperprompt_t5x', 'hyperprompt_t5x.tasks', 'hyperprompt_t5x.gin',
-              'hyperprompt_t5x.gin.t5x'],
-    package_dir={
-        'hyperprompt_t5x': 'hyperprompt_t5x',
-        'hyperprompt_t5x.tasks': 'tasks',
-        'hyperprompt_t5x.gin': 'gin',
-        'hyperprompt_t5x.gin.t5x': 'gin/t5x',
-    },
+    # gin/ has no __init__.py (it would shadow gin-config where the folder is on sys.path).
+    packages=setuptools.find_packages(include=['hyperprompt_t5x', 'hyperprompt_t5x.*'])
+    + ['hyperprompt_t5x.gin'],
     package_data={
         'hyperprompt_t5x.tasks': ['data/*'],
         'hyperprompt_t5x.gin': ['*.gin', '*/*.gin'],
-        'hyperprompt_t5x.gin.t5x': ['*.gin'],
     },
     install_requires=_requirements('requirements.txt'),
     extras_require={'test': _requirements('requirements-test.txt')},
     entry_points={
         'console_scripts': [
-            'hyperprompt-t5x = hyperprompt_t5x.cli:main',
+            'hyperprompt-t5x = hyperprompt_t5x.cli.commands:main',
             # The user's words are `t5x train --gin_file=...`; the real t5x ships
             # no console script, so this one is an alias.
-            't5x = hyperprompt_t5x.cli:main',
+            't5x = hyperprompt_t5x.cli.commands:main',
         ],
     },
 )

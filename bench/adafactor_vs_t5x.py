@@ -29,7 +29,9 @@ import optax
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from hyperprompt_t5x import checkpoints, network, optim
+from hyperprompt_t5x.checkpoints import pretrained
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x import optim
 
 LR = 1e-3
 ATTENTION = re.compile(r'(attention|self_attention|encoder_decoder_attention)/(query|key|value|out)/kernel$')
@@ -105,7 +107,7 @@ def each_step_from_t5x(tree, axes_tree, grads, theirs):
     state = tx.init(tree)
     if step:
       tree, t5x_state = theirs[step - 1]
-      saved = checkpoints.adafactor_state_from_t5x(t5x_state)
+      saved = pretrained.adafactor_state_from_t5x(t5x_state)
       state, _, _ = optim.restore_adafactor_state(state, saved.step, saved.param_states,
                                                   skip_prefix=None)
     out.append(apply(tree, state, g)[0])

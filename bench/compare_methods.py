@@ -132,7 +132,7 @@ def glue_data(data_dir: pathlib.Path):
 def model_config(method: str, num_tasks: int, **overrides):
   """The demo's byte-level T5 (gin/demo.gin shapes) with `method`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   kwargs = dict(vocab_size=VOCAB, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                 task_embed_dim=16, layer_task_dim=16, prompt_length=4, bottleneck=16,
                 adapter_dim=16, dtype=jnp.float32, dropout_rate=0.0, method=method,
@@ -149,7 +149,8 @@ class Trainer:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x import models, network, optim  # pylint: disable=g-import-not-at-top
+    from hyperprompt_t5x.model import models, network  # pylint: disable=g-import-not-at-top
+    from hyperprompt_t5x import optim  # pylint: disable=g-import-not-at-top
     self.config, self.freeze = config, freeze
     self.replicas = [(lr, seed) for lr in lrs for seed in seeds]
     model = models.EncoderDecoderModel(config, z_loss=0.0)

@@ -75,7 +75,7 @@ class PeerConfig:
 
 def project_shapes(size: str):
   """The project's T5Config for `size`: the single source of the shapes."""
-  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   return network.T5Config.from_size(size)
 
 

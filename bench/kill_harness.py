@@ -18,7 +18,7 @@ Prints one line per kill, a summary, and the figures as one JSON line
 (`--json_out` writes them to a file). The model, data and compiled programs are
 the demo's; compilations are shared through JAX's persistent cache
 (`--cache_dir`). Imports neither JAX nor seqio itself (the runs are subprocesses;
-the final comparison reads the checkpoints with hyperprompt_t5x.checkpoints).
+the final comparison reads the checkpoints with hyperprompt_t5x.checkpoints.pretrained).
 """
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ def subprocess_env(cache_dir) -> dict:
 
 
 class Attempt:
-  """One `hyperprompt_t5x.cli` process with its output collected line by line."""
+  """One `hyperprompt_t5x.cli.commands` process with its output collected line by line."""
 
   def __init__(self, args: list, model_dir, env: dict):
     self.model_dir = pathlib.Path(model_dir)
     self.started = time.monotonic()
     self.wall_start = time.time()
     self.lines: List[str] = []
-    self.proc = subprocess.Popen([sys.executable, '-m', 'hyperprompt_t5x.cli', *args],
+    self.proc = subprocess.Popen([sys.executable, '-m', 'hyperprompt_t5x.cli.commands', *args],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env=env)
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -174,12 +174,12 @@ def metrics_by_kind(model_dir) -> dict:
 def compare_runs(reference, resumed, step: int) -> dict:
   """Figures and problems of `resumed` against `reference` (both MODEL_DIRs at `step`)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import checkpoints  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
   reference, resumed = pathlib.Path(reference), pathlib.Path(resumed)
   problems = []
-  want = checkpoints.flatten_params(checkpoints.load_t5x_params(
+  want = pretrained.flatten_params(pretrained.load_t5x_params(
       str(reference / f'checkpoint_{step}')))
-  got = checkpoints.flatten_params(checkpoints.load_t5x_params(
+  got = pretrained.flatten_params(pretrained.load_t5x_params(
       str(resumed / f'checkpoint_{step}')))
   differ = sorted(n for n in want if n not in got or not np.array_equal(
       np.asarray(got[n]), np.asarray(want[n])))

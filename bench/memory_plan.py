@@ -183,7 +183,7 @@ def batch_bytes(args, per_device_batch: float) -> float:
 
 def plan(args) -> List[Dict[str, Any]]:
   """One row per (size, method, partitions, slice) from the cached measurements."""
-  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   cache = load_cache(args.cache)
   rows = []
   for size in args.sizes:
@@ -219,7 +219,7 @@ def validation(args) -> Optional[Dict[str, Any]]:
   if not args.validate:
     return None
   size, method, p, devices = args.validate
-  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   cache = load_cache(args.cache)
   get = lambda **kw: cache[job_key(args, size, method, p, **kw)]
   coef = fit_temp({(l, b): get(kind='temp', layers=l, batch=b)['temp_bytes']

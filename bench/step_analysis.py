@@ -39,7 +39,8 @@ def build_abstract(cfg, mesh, activation_rules=None):
   """(model config, abstract sharded state, abstract batch, key, step) for BenchConfig `cfg`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning, train_state  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
   from bench import train_step as bench_step  # pylint: disable=g-import-not-at-top
 
   config, model, optimizer, rules = bench_step.model_and_optimizer(cfg)

@@ -144,7 +144,7 @@ def _count(tree) -> int:
 
 def model_config(cfg: BenchConfig):
   """The network's T5Config for one bench configuration."""
-  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   overrides = dict(method=cfg.method, num_tasks=cfg.num_tasks, dtype=cfg.dtype,
                    dropout_rate=cfg.dropout_rate, attention_impl=cfg.attention_impl,
                    remat_policy=cfg.remat_policy)
@@ -173,7 +173,8 @@ def formula_flops(cfg: BenchConfig, config) -> int:
 def model_and_optimizer(cfg: BenchConfig):
   """(config, model, optimizer, logical rules), built as the trainer builds them."""
   import flax  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import models, optim, partitioning  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import models  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import optim, partitioning  # pylint: disable=g-import-not-at-top
   config = model_config(cfg)
   model = models.EncoderDecoderModel(config)
   schedule = optim.make_schedule('constant', cfg.learning_rate)
@@ -189,7 +190,8 @@ def model_and_optimizer(cfg: BenchConfig):
 def build(cfg: BenchConfig):
   """Builds (config, mesh, state, step_fn) with the project's own code, as the trainer does."""
   import jax  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning, train_state  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
 
   config, model, optimizer, rules = model_and_optimizer(cfg)
   mesh = partitioning.make_mesh(1)

@@ -12,7 +12,7 @@ def load(model_dir: str, checkpoint_step=None):
   """A trained run, restored: `.predict(texts, task=...)`, `.score(texts, targets, task=...)`.
 
   `model_dir`: a MODEL_DIR written by `hyperprompt-t5x train` (its newest
-  checkpoint) or MODEL_DIR/checkpoint_<step>. See `hyperprompt_t5x.predictor`.
+  checkpoint) or MODEL_DIR/checkpoint_<step>. See `hyperprompt_t5x.evaluation.predictor`.
   """
-  from hyperprompt_t5x import predictor  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.evaluation import predictor  # pylint: disable=g-import-not-at-top
   return predictor.load(model_dir, checkpoint_step)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib.resources
 import inspect
 import logging
 import os
@@ -25,10 +24,10 @@ import hyperprompt_t5x
 
 # Names the gin files bind, and the callables behind them (module:attribute).
 _CONFIGURABLES = {
-    'train': ('hyperprompt_t5x.trainer', 'train'),
-    'evaluate': ('hyperprompt_t5x.evaluation', 'evaluate'),
-    'infer': ('hyperprompt_t5x.evaluation', 'infer'),
-    'analyze': ('hyperprompt_t5x.analysis', 'analyze'),
+    'train': ('hyperprompt_t5x.training.trainer', 'train'),
+    'evaluate': ('hyperprompt_t5x.evaluation.evaluator', 'evaluate'),
+    'infer': ('hyperprompt_t5x.evaluation.evaluator', 'infer'),
+    'analyze': ('hyperprompt_t5x.evaluation.analysis', 'analyze'),
 }
 _REGISTERED: dict[str, Any] = {}
 _DTYPES = ('float32', 'bfloat16', 'float16')
@@ -41,19 +40,8 @@ class GinConfigError(ValueError):
 
 
 def installed_gin_dirs() -> list[pathlib.Path]:
-  """Folders that hold the shipped gin files (installed package, then source tree)."""
-  dirs = []
-  try:
-    dirs.append(pathlib.Path(str(importlib.resources.files('hyperprompt_t5x.gin'))))
-  except (ModuleNotFoundError, TypeError):
-    pass  # Editable installs map `hyperprompt_t5x.gin` only for regular packages.
-  package = pathlib.Path(hyperprompt_t5x.__file__).resolve().parent
-  dirs += [package / 'gin', package.parent / 'gin']
-  unique = []
-  for d in dirs:
-    if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
-      unique.append(d)
-  return unique
+  """The folder that holds the shipped gin files (inside the package)."""
+  return [pathlib.Path(hyperprompt_t5x.__file__).resolve().parent / 'gin']
 
 
 def search_paths(extra: Iterable[str] = ()) -> list[pathlib.Path]:
@@ -142,7 +130,7 @@ def _check_method() -> None:
 
 def _t5_config_factory():
   """A function with T5Config's signature: gin then validates field names."""
-  from hyperprompt_t5x.network import T5Config  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model.network import T5Config  # pylint: disable=g-import-not-at-top
 
   def make_t5_config(**fields):
     # gin files name dtypes as strings ('bfloat16'); the config holds the jnp type.

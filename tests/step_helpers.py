@@ -16,7 +16,7 @@ INPUT_LEN, TARGET_LEN, NUM_TASKS, VOCAB = 8, 4, 3, 64
 
 def tiny_config(method='global', **overrides):
   import jax.numpy as jnp
-  from hyperprompt_t5x import network
+  from hyperprompt_t5x.model import network
   # One encoder and one decoder layer: XLA's CPU compile time dominates these tests.
   kwargs = dict(method=method, num_tasks=NUM_TASKS, dtype=jnp.float32, dropout_rate=0.0,
                 num_encoder_layers=1, num_decoder_layers=1,
@@ -68,7 +68,8 @@ def _tree_max_abs_diff(a, b):
 def _train(model, optimizer, mesh, rules, batches, *, initial_params=None, seed=0,
            freeze='all'):
   import jax
-  from hyperprompt_t5x import partitioning, train_state
+  from hyperprompt_t5x import partitioning
+  from hyperprompt_t5x.run import train_state
   state, shardings = train_state.create_train_state(
       model, optimizer, jax.random.PRNGKey(seed), mesh, rules, INPUT_LEN, TARGET_LEN,
       initial_params=initial_params)
@@ -82,7 +83,8 @@ def _train(model, optimizer, mesh, rules, batches, *, initial_params=None, seed=
 
 
 def _model_and_optimizer(config):
-  from hyperprompt_t5x import models, optim
+  from hyperprompt_t5x.model import models
+  from hyperprompt_t5x import optim
   model = models.EncoderDecoderModel(config, z_loss=1e-4, label_smoothing=0.1)
   abstract = model.init_abstract(1, INPUT_LEN, TARGET_LEN)['params']
   optimizer = optim.make_optimizer('adafactor', optim.make_schedule('constant', 1e-2),
@@ -132,7 +134,7 @@ def process_worker(out_path):
   params = multihost_utils.process_allgather(state.params, tiled=True)
   checksum = float(sum(np.sum(np.abs(np.asarray(x))) for x in jax.tree_util.tree_leaves(params)))
   # Every process writes its shards of one orbax checkpoint, then reads it back.
-  from hyperprompt_t5x import train_state
+  from hyperprompt_t5x.run import train_state
   ckpt_dir = os.path.join(os.path.dirname(out_path), 'ckpt_%d_processes' % n)
   store = train_state.CheckpointStore(ckpt_dir, keep=1)
   store.save(3, state, {'data_batches': 3})

@@ -12,8 +12,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hyperprompt_t5x import checkpoints, optim
-from hyperprompt_t5x.t5x_checkpoint import unflatten_params
+from hyperprompt_t5x.checkpoints import pretrained
+from hyperprompt_t5x import optim
+from hyperprompt_t5x.checkpoints.t5x_format import unflatten_params
 
 LR = 1e-3
 STEPS = 4
@@ -128,7 +129,7 @@ def test_each_step_equals_t5x_from_the_same_state(t5x_run):
   for step in range(STEPS):
     state = tx.init(params)
     if t5x_state is not None:
-      saved = checkpoints.adafactor_state_from_t5x(t5x_state)
+      saved = pretrained.adafactor_state_from_t5x(t5x_state)
       state, restored, fresh = optim.restore_adafactor_state(
           state, saved.step, saved.param_states, skip_prefix=None)
       assert len(restored) == len(LEAVES) and not fresh
@@ -150,7 +151,7 @@ def test_default_adafactor_follows_t5x_over_steps(t5x_run):
   our_state, t5x_state = ours[-1][1][0], t5x_run[-1][1]
   assert int(our_state.count) == int(t5x_state.step) == STEPS
   flat = optim.flatten_t5x_param_states(our_state)
-  theirs = checkpoints.adafactor_state_from_t5x(t5x_state).param_states
+  theirs = pretrained.adafactor_state_from_t5x(t5x_state).param_states
   assert sorted(flat) == sorted(theirs)
   for name, slots in flat.items():
     for slot, value in slots.items():
@@ -174,6 +175,6 @@ def test_without_parameter_scale_the_update_differs_from_t5x(t5x_run):
 def test_t5x_model_uses_the_same_factor_rules(t5x_run):
   """T5X training (t5x_model) and the lean trainer factor every axis alike."""
   from t5x import adafactor  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import t5x_model  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.t5x_adapter import t5x_model  # pylint: disable=g-import-not-at-top
   ours = {k: adafactor.factor_name_to_factordim(v) for k, v in optim.LOGICAL_FACTOR_RULES.items()}
   assert dict(t5x_model.logical_factor_rules()) == ours

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import analysis
-from hyperprompt_t5x import conditioning
-from hyperprompt_t5x import layers
-from hyperprompt_t5x import network
+from hyperprompt_t5x.evaluation import analysis
+from hyperprompt_t5x.model import conditioning
+from hyperprompt_t5x.model import layers
+from hyperprompt_t5x.model import network
 
 TINY = dict(vocab_size=32, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=8,
             num_encoder_layers=1, num_decoder_layers=1, num_tasks=2, dtype=jnp.float32,

@@ -173,7 +173,7 @@ def test_bench_runs_tiny_end_to_end_without_gin_seqio_tf(tmp_path):
                                       - r['alias_bytes'] + r['temp_bytes'])
   assert np.isfinite(r['final_loss'])
   # The FLOPs are the formula's for this config (tiny shapes, the config's prompt length).
-  from hyperprompt_t5x import network
+  from hyperprompt_t5x.model import network
   config = network.T5Config.from_size('tiny', method='global')
   expected = flops.method_train_flops(
       flops.Dims.from_config(config), 'global', batch=2, inputs_len=16, targets_len=8,
@@ -224,7 +224,7 @@ def test_memory_plan_tiny_on_two_devices(tmp_path):
   # AdamW: two moments sharded like the parameters (+ a step count).
   assert 2 * r['param_gib'] <= r['opt_state_gib'] <= 2 * r['param_gib'] + 1e-6
   # The parameters are split over the 2-way model axis: fewer bytes than the whole tree.
-  from hyperprompt_t5x import network  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   total = 4 * sum(x.size for x in jax_leaves(network.param_shapes(
       network.T5Config.from_size('tiny'))))
   assert r['param_gib'] * memory_plan.GIB < total

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from hyperprompt_t5x import checkpoints
-from hyperprompt_t5x.checkpoints import CheckpointError
+from hyperprompt_t5x.checkpoints import pretrained
+from hyperprompt_t5x.checkpoints.pretrained import CheckpointError
 
 # What DESIGN.md §2 documents for the real fixture.
 TINY = dict(vocab_size=32128, emb_dim=8, num_heads=4, head_dim=3,
@@ -29,12 +29,12 @@ def _raw_target(file):
 
 @pytest.fixture(scope='module')
 def tiny_params(t5x_tiny_checkpoint):
-  return checkpoints.load_t5x_params(t5x_tiny_checkpoint)
+  return pretrained.load_t5x_params(t5x_tiny_checkpoint)
 
 
 def test_real_checkpoint_loads_every_param_as_float32(t5x_tiny_checkpoint, tiny_params):
-  want = checkpoints.flatten_params(_raw_target(t5x_tiny_checkpoint))
-  got = checkpoints.flatten_params(tiny_params)
+  want = pretrained.flatten_params(_raw_target(t5x_tiny_checkpoint))
+  got = pretrained.flatten_params(tiny_params)
   assert sorted(got) == sorted(want)
   for name, value in got.items():
     assert value.dtype == np.float32, name
@@ -46,15 +46,15 @@ def test_checkpoint_directory_and_file_both_accepted(t5x_tiny_checkpoint, tiny_p
   ckpt_dir = tmp_path / 'checkpoint_0'
   ckpt_dir.mkdir()
   os.symlink(t5x_tiny_checkpoint, ckpt_dir / 'checkpoint')
-  from_dir = checkpoints.flatten_params(checkpoints.load_t5x_params(ckpt_dir))
-  from_file = checkpoints.flatten_params(tiny_params)
+  from_dir = pretrained.flatten_params(pretrained.load_t5x_params(ckpt_dir))
+  from_file = pretrained.flatten_params(tiny_params)
   assert from_dir.keys() == from_file.keys()
   for name in from_dir:
     np.testing.assert_array_equal(from_dir[name], from_file[name])
 
 
 def test_config_inferred_from_real_checkpoint(tiny_params):
-  config = checkpoints.t5x_config_from_params(tiny_params, dropout_rate=0.0)
+  config = pretrained.t5x_config_from_params(tiny_params, dropout_rate=0.0)
   for field, value in TINY.items():
     assert getattr(config, field) == value, field
   assert tuple(config.mlp_activations) == ('gelu', 'linear')
@@ -63,29 +63,29 @@ def test_config_inferred_from_real_checkpoint(tiny_params):
 
 
 def test_conditioning_key_matches_network():
-  from hyperprompt_t5x import network
-  assert checkpoints.CONDITIONING_KEY == network.CONDITIONING_KEY
+  from hyperprompt_t5x.model import network
+  assert pretrained.CONDITIONING_KEY == network.CONDITIONING_KEY
 
 
 @pytest.mark.parametrize('method', ['none', 'global'])
 def test_real_checkpoint_restores_into_network(tiny_params, t5x_tiny_checkpoint, method):
-  from hyperprompt_t5x import network
+  from hyperprompt_t5x.model import network
   overrides = dict(method=method, dtype=jnp.float32, dropout_rate=0.0)
   if method != 'none':
     overrides['num_tasks'] = 3
-  config = checkpoints.t5x_config_from_params(tiny_params, **overrides)
+  config = pretrained.t5x_config_from_params(tiny_params, **overrides)
   # The network's own tree (eval_shape: no init compile); conditioning leaves get
   # stand-in "fresh" values that the merge must pass through untouched.
   rng = np.random.default_rng(1)
-  fresh = checkpoints.unflatten_params({
+  fresh = pretrained.unflatten_params({
       name: (rng.normal(size=leaf.shape).astype(leaf.dtype)
              if name.startswith(network.CONDITIONING_KEY + '/') else leaf)
-      for name, leaf in checkpoints.flatten_params(network.param_shapes(config)).items()})
-  merged = checkpoints.merge_backbone(fresh, tiny_params, source=str(t5x_tiny_checkpoint))
+      for name, leaf in pretrained.flatten_params(network.param_shapes(config)).items()})
+  merged = pretrained.merge_backbone(fresh, tiny_params, source=str(t5x_tiny_checkpoint))
 
-  flat_fresh = checkpoints.flatten_params(fresh)
-  flat_merged = checkpoints.flatten_params(merged)
-  flat_ckpt = checkpoints.flatten_params(tiny_params)
+  flat_fresh = pretrained.flatten_params(fresh)
+  flat_merged = pretrained.flatten_params(merged)
+  flat_ckpt = pretrained.flatten_params(tiny_params)
   assert flat_merged.keys() == flat_fresh.keys()
   backbone = {n for n in flat_fresh if not n.startswith(network.CONDITIONING_KEY + '/')}
   # Every backbone param of the network is in the checkpoint and vice versa.
@@ -108,9 +108,9 @@ def test_real_checkpoint_restores_into_network(tiny_params, t5x_tiny_checkpoint,
 
 
 def test_load_pretrained_detects_t5x(t5x_tiny_checkpoint, tiny_params):
-  from hyperprompt_t5x import network
-  config = checkpoints.t5x_config_from_params(tiny_params, method='none', dtype=jnp.float32)
-  params = checkpoints.load_pretrained(t5x_tiny_checkpoint, config,
+  from hyperprompt_t5x.model import network
+  config = pretrained.t5x_config_from_params(tiny_params, method='none', dtype=jnp.float32)
+  params = pretrained.load_pretrained(t5x_tiny_checkpoint, config,
                                        fresh_params=network.param_shapes(config))
   emb = params['token_embedder']['embedding']
   np.testing.assert_array_equal(np.asarray(emb), tiny_params['token_embedder']['embedding'])
@@ -127,7 +127,7 @@ def _write_t5x_tensorstore_checkpoint(ckpt_dir, params, *, version=3, inline_bel
   as zarr arrays at `ckpt_dir/target.<dotted name>` referenced by relative specs."""
   store_dtypes = store_dtypes or {}
   os.makedirs(ckpt_dir)
-  flat = checkpoints.flatten_params(params)
+  flat = pretrained.flatten_params(params)
   stored = {}
   for name, value in flat.items():
     if value.size < inline_below:
@@ -149,7 +149,7 @@ def _write_t5x_tensorstore_checkpoint(ckpt_dir, params, *, version=3, inline_bel
     store = ts.open(write_spec, create=True, open=True).result()
     store.write(data).result()
     stored[name] = spec
-  target = checkpoints.unflatten_params(stored)
+  target = pretrained.unflatten_params(stored)
   if top == 'optimizer':
     state = {'version': version,
              'optimizer': {'target': target, 'state': {'step': np.array(7, np.int32)}}}
@@ -183,8 +183,8 @@ def test_tensorstore_layout_loads_what_was_written(tmp_path):
   assert (moved / 'target.token_embedder.embedding').is_dir()
 
   for path in (moved, moved / 'checkpoint'):
-    got = checkpoints.flatten_params(checkpoints.load_t5x_params(str(path)))
-    want = checkpoints.flatten_params(tree)
+    got = pretrained.flatten_params(pretrained.load_t5x_params(str(path)))
+    want = pretrained.flatten_params(tree)
     assert got.keys() == want.keys()
     for name in want:
       expected = want[name]
@@ -200,13 +200,13 @@ def test_version2_uint16_bfloat16_and_top_level_target(tmp_path):
   name = 'token_embedder/embedding'
   _write_t5x_tensorstore_checkpoint(str(tmp_path / 'v2'), tree, version=2,
                                     store_dtypes={name: '<u2'})
-  got = checkpoints.flatten_params(checkpoints.load_t5x_params(str(tmp_path / 'v2')))
+  got = pretrained.flatten_params(pretrained.load_t5x_params(str(tmp_path / 'v2')))
   np.testing.assert_array_equal(
       got[name], tree['token_embedder']['embedding'].astype(ml_dtypes.bfloat16).astype(np.float32))
 
   _write_t5x_tensorstore_checkpoint(str(tmp_path / 'new'), tree, top='target')
-  got = checkpoints.flatten_params(checkpoints.load_t5x_params(str(tmp_path / 'new')))
-  for n, v in checkpoints.flatten_params(tree).items():
+  got = pretrained.flatten_params(pretrained.load_t5x_params(str(tmp_path / 'new')))
+  for n, v in pretrained.flatten_params(tree).items():
     np.testing.assert_array_equal(got[n], v)
 
 
@@ -223,8 +223,8 @@ def test_orbax_layout(tmp_path):
   manager.wait_until_finished()
   step_dir = tmp_path / '5'
   assert not (step_dir / 'checkpoint').exists()
-  got = checkpoints.flatten_params(checkpoints.load_t5x_params(step_dir))
-  want = checkpoints.flatten_params(state['params'])
+  got = pretrained.flatten_params(pretrained.load_t5x_params(step_dir))
+  want = pretrained.flatten_params(state['params'])
   assert got.keys() == want.keys()
   for name in want:
     np.testing.assert_array_equal(got[name], want[name])
@@ -236,32 +236,32 @@ def test_ts_spec_paths_resolved_against_checkpoint_dir():
                       'path': 'target.encoder.layers_0.attention.query.kernel'},
           'metadata': {'shape': [8, 12], 'chunks': [8, 12], 'compressor': {'id': 'gzip'},
                        'dtype': 'bfloat16'}}
-  on_gcs = checkpoints.absolute_ts_spec(spec, 'gs://my-bucket/models/t5_base/checkpoint_1000000')
+  on_gcs = pretrained.absolute_ts_spec(spec, 'gs://my-bucket/models/t5_base/checkpoint_1000000')
   assert on_gcs['kvstore'] == {
       'driver': 'gcs', 'bucket': 'my-bucket',
       'path': 'models/t5_base/checkpoint_1000000/target.encoder.layers_0.attention.query.kernel'}
   assert on_gcs['metadata'] == {'shape': [8, 12], 'dtype': 'bfloat16'}
   assert spec['kvstore']['bucket'] == 't5x-dummy-bucket'  # input not mutated
   # A gcs-written checkpoint copied to local disk reads through the file driver.
-  local = checkpoints.absolute_ts_spec(spec, '/data/checkpoint_1000000')
+  local = pretrained.absolute_ts_spec(spec, '/data/checkpoint_1000000')
   assert local['kvstore'] == {
       'driver': 'file',
       'path': '/data/checkpoint_1000000/target.encoder.layers_0.attention.query.kernel'}
   # tensorstore < 0.1.14 kept the path beside the kvstore.
   old = {'driver': 'zarr', 'kvstore': {'driver': 'file'}, 'path': 'target.x', 'metadata': {}}
-  assert checkpoints.absolute_ts_spec(old, '/c')['kvstore'] == {'driver': 'file',
+  assert pretrained.absolute_ts_spec(old, '/c')['kvstore'] == {'driver': 'file',
                                                                  'path': '/c/target.x'}
 
 
 def test_kvstore_read_used_for_gcs_msgpack(t5x_tiny_checkpoint, tmp_path):
   """gs:// checkpoints are fetched through a tensorstore kvstore; the same call
   through the file driver returns the file's bytes, and None when absent."""
-  from hyperprompt_t5x import t5x_checkpoint
+  from hyperprompt_t5x.checkpoints import t5x_format
   directory = str(t5x_tiny_checkpoint.parent) + '/'
-  got = t5x_checkpoint.read_kvstore_bytes(
+  got = t5x_format.read_kvstore_bytes(
       {'driver': 'file', 'path': directory + t5x_tiny_checkpoint.name})
   assert got == t5x_tiny_checkpoint.read_bytes()
-  assert t5x_checkpoint.read_kvstore_bytes(
+  assert t5x_format.read_kvstore_bytes(
       {'driver': 'file', 'path': str(tmp_path) + '/absent'}) is None
 
 
@@ -273,13 +273,13 @@ def test_kvstore_read_used_for_gcs_msgpack(t5x_tiny_checkpoint, tmp_path):
 def test_missing_path(tmp_path):
   path = tmp_path / 'nope' / 'checkpoint_3'
   with pytest.raises(CheckpointError, match=str(path)):
-    checkpoints.load_t5x_params(path)
+    pretrained.load_t5x_params(path)
 
 
 def test_directory_without_checkpoint_file_names_the_steps(tmp_path):
   (tmp_path / 'checkpoint_100').mkdir()
   with pytest.raises(CheckpointError, match=r'checkpoint_100') as e:
-    checkpoints.load_t5x_params(tmp_path)
+    pretrained.load_t5x_params(tmp_path)
   assert str(tmp_path) in str(e.value)
 
 
@@ -288,7 +288,7 @@ def test_truncated_checkpoint(t5x_tiny_checkpoint, tmp_path):
   bad = tmp_path / 'checkpoint'
   bad.write_bytes(data[: len(data) // 2])
   with pytest.raises(CheckpointError, match='truncated') as e:
-    checkpoints.load_t5x_params(bad)
+    pretrained.load_t5x_params(bad)
   assert str(bad) in str(e.value)
 
 
@@ -301,7 +301,7 @@ def test_non_t5_file(tmp_path, content):
   bad = tmp_path / 'checkpoint'
   bad.write_bytes(content)
   with pytest.raises(CheckpointError, match=str(bad)):
-    checkpoints.load_t5x_params(bad)
+    pretrained.load_t5x_params(bad)
 
 
 def test_missing_tensorstore_array_names_param(tmp_path):
@@ -309,7 +309,7 @@ def test_missing_tensorstore_array_names_param(tmp_path):
   _write_t5x_tensorstore_checkpoint(str(ckpt), _small_tree())
   shutil.rmtree(ckpt / 'target.decoder.logits_dense.kernel')
   with pytest.raises(CheckpointError, match='decoder/logits_dense/kernel') as e:
-    checkpoints.load_t5x_params(ckpt)
+    pretrained.load_t5x_params(ckpt)
   assert str(ckpt) in str(e.value)
 
 
@@ -325,7 +325,7 @@ def test_merge_lists_every_missing_wrong_and_unexpected_param():
                       'extra': {'scale': np.ones((4,), np.float32)}},
           'decoder': {'d': {'kernel': np.ones((4, 3), np.float32)}}}
   with pytest.raises(CheckpointError) as e:
-    checkpoints.merge_backbone(fresh, ckpt, source='/ckpts/checkpoint_9')
+    pretrained.merge_backbone(fresh, ckpt, source='/ckpts/checkpoint_9')
   msg = str(e.value)
   assert '/ckpts/checkpoint_9' in msg
   for name in ('encoder/b/scale', 'encoder/c/scale', 'encoder/a/kernel', 'decoder/d/kernel',
@@ -341,7 +341,7 @@ def test_merge_takes_backbone_from_checkpoint_and_conditioning_fresh():
                       'task_conditioning': {'prompts': np.full((2, 3), 5.0, np.float32)}}}
   ckpt = {'token_embedder': {'embedding': np.ones((10, 4), np.float64)},
           'task_conditioning': {'prompts': np.zeros((9,), np.float32)}}
-  merged = checkpoints.merge_backbone(fresh, ckpt)
+  merged = pretrained.merge_backbone(fresh, ckpt)
   assert set(merged) == {'params'}
   emb = merged['params']['token_embedder']['embedding']
   assert emb.dtype == np.float32 and np.all(emb == 1.0)
@@ -350,11 +350,11 @@ def test_merge_takes_backbone_from_checkpoint_and_conditioning_fresh():
 
 
 def test_mismatched_real_checkpoint_against_other_config(tiny_params, t5x_tiny_checkpoint):
-  from hyperprompt_t5x import network
-  config = checkpoints.t5x_config_from_params(
+  from hyperprompt_t5x.model import network
+  config = pretrained.t5x_config_from_params(
       tiny_params, mlp_dim=20, num_decoder_layers=3, method='none', dtype=jnp.float32)
   with pytest.raises(CheckpointError) as e:
-    checkpoints.load_pretrained(t5x_tiny_checkpoint, config,
+    pretrained.load_pretrained(t5x_tiny_checkpoint, config,
                                 fresh_params=network.param_shapes(config))
   msg = str(e.value)
   assert str(t5x_tiny_checkpoint) in msg

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from hyperprompt_t5x import cli, gin_config, param_count
+from hyperprompt_t5x.cli import commands
+from hyperprompt_t5x import gin_config
+from hyperprompt_t5x.model import param_count
 
 
 def snapshot(directory) -> dict:
@@ -19,7 +21,7 @@ def snapshot(directory) -> dict:
 
 
 def test_split_gin_overrides():
-  rest, macros = cli.split_gin_overrides(
+  rest, macros = commands.split_gin_overrides(
       ['train', '--gin_file=a.gin', '--gin.MODEL_DIR=/tmp/x', '--gin.TRAIN_STEPS', '5',
        "--gin.train.seed=3", '--platform=cpu'])
   assert rest == ['train', '--gin_file=a.gin', '--platform=cpu']
@@ -29,13 +31,13 @@ def test_split_gin_overrides():
 def _leaf_count(config) -> int:
   """Parameter count of the model itself, from its abstract init (independent of param_count)."""
   import jax
-  from hyperprompt_t5x import models
+  from hyperprompt_t5x.model import models
   params = models.EncoderDecoderModel(config).init_abstract(1, 8, 2)['params']
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
 
 
 def test_params_json_matches_param_count_and_the_model(capsys):
-  assert cli.main(['params', '--gin_file=demo.gin', '--json']) == 0
+  assert commands.main(['params', '--gin_file=demo.gin', '--json']) == 0
   printed = json.loads(capsys.readouterr().out)
   config = gin_config.model_config()
   assert printed == json.loads(json.dumps(param_count.count_params(config)))
@@ -44,7 +46,7 @@ def test_params_json_matches_param_count_and_the_model(capsys):
 
 
 def test_params_table(capsys):
-  assert cli.main(['params', '--gin_file=hyperprompt_small.gin']) == 0
+  assert commands.main(['params', '--gin_file=hyperprompt_small.gin']) == 0
   out = capsys.readouterr().out
   counts = param_count.count_params(gin_config.model_config())
   assert f'{counts["total"]:,}' in out and f'{counts["added"]:,}' in out
@@ -75,7 +77,7 @@ def test_config_errors_are_one_line_and_touch_nothing(argv, message, tmp_path, c
   before = snapshot(model_dir)
   if 'MODEL_DIR' not in message:
     argv = argv + [f'--gin.MODEL_DIR={model_dir}']
-  assert cli.main(argv) == 2
+  assert commands.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: ') and message in err, err
   assert 'Traceback' not in err and 'In call to configurable' not in err
@@ -84,7 +86,7 @@ def test_config_errors_are_one_line_and_touch_nothing(argv, message, tmp_path, c
 
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path, capsys):
-  assert cli.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={tmp_path / "none"}']) == 2
+  assert commands.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={tmp_path / "none"}']) == 2
   assert 'no checkpoint' in capsys.readouterr().err
 
 
@@ -104,7 +106,7 @@ def test_console_scripts_and_platform_fallback():
   assert out.returncode == 0, out.stderr
   assert json.loads(out.stdout)['method'] == 'global'
   assert _bin('hyperprompt-t5x')
-  code = ('import jax; from hyperprompt_t5x import cli; cli.select_platform("gpu"); '
+  code = ('import jax; from hyperprompt_t5x.cli import commands; commands.select_platform("gpu"); '
           'print(jax.devices()[0].platform)')
   probe = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          env=env, timeout=120)
@@ -142,16 +144,16 @@ def test_the_users_main_command_offline_is_one_clear_error(tmp_path):
 
 
 def test_command_help_lists_macros_with_defaults_and_meanings(capsys):
-  assert cli.main(['train', '--help']) == 0
+  assert commands.main(['train', '--help']) == 0
   out = capsys.readouterr().out
   assert '--gin.TRAIN_STEPS=REQUIRED' in out and '--gin.LEARNING_RATE=0.001' in out
   assert "--gin.METHOD='global'" in out
   assert 'global | share | sep | prompt_tuning | hyperformer | none' in out
   assert 'fine-tuning steps, counted from 0' in out  # a meaning continued on a 2nd line
-  assert cli.main(['train', '--gin_file=demo.gin', '--help']) == 0
+  assert commands.main(['train', '--gin_file=demo.gin', '--help']) == 0
   demo = capsys.readouterr().out
   assert '--gin.TRAIN_STEPS=150' in demo and "--gin.OPTIMIZER='adamw'" in demo
-  assert cli.main(['infer', '--help']) == 0
+  assert commands.main(['infer', '--help']) == 0
   assert '--input_file' in capsys.readouterr().out
 
 

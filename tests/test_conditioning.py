@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from hyperprompt_t5x import conditioning
-from hyperprompt_t5x import layers
-from hyperprompt_t5x import network
-from hyperprompt_t5x import param_count
+from hyperprompt_t5x.model import conditioning
+from hyperprompt_t5x.model import layers
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model import param_count
 
 CONDITIONED = ('share', 'sep', 'global', 'prompt_tuning', 'hyperformer')
 TINY = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=6, mlp_dim=24,

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import decoding
-from hyperprompt_t5x import network
+from hyperprompt_t5x.model import decoding
+from hyperprompt_t5x.model import network
 
 MAX_LEN = 6
 

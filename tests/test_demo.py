@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from hyperprompt_t5x import cli
+from hyperprompt_t5x.cli import commands
 
 STEPS = 80  # the full demo trains 150; the tasks are learnt by about step 75
 
@@ -37,7 +37,7 @@ def demo_console(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp('demo') / 'run'
   console = io.StringIO()
   with contextlib.redirect_stdout(console):
-    assert cli.main(demo_argv(model_dir)) == 0
+    assert commands.main(demo_argv(model_dir)) == 0
   return model_dir, console.getvalue()
 
 
@@ -72,11 +72,11 @@ def test_demo_learns_every_task_far_above_chance(demo_run, capsys):
 
 def test_eval_and_infer_commands(demo_run, tmp_path, capsys):
   common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={demo_run}']
-  assert cli.main(['eval', *common]) == 0
+  assert commands.main(['eval', *common]) == 0
   scored = json.loads((demo_run / f'eval_validation_{STEPS}.json').read_text())
   assert scored['step'] == STEPS and scored['average'] >= 90.0
   out = tmp_path / 'predictions.jsonl'
-  assert cli.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}',
+  assert commands.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}',
                    '--gin.EVAL_MAX_EXAMPLES=10']) == 0
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert len(rows) == 30
@@ -89,12 +89,12 @@ def test_eval_and_infer_commands(demo_run, tmp_path, capsys):
   word, answers = next((w, a) for w, a in by_input.items() if len(a) == 3)
   assert answers['hyperprompt_demo_max'] == max(word)
   assert answers['hyperprompt_demo_min'] == min(word)
-  assert cli.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}']) == 2  # no overwrite
+  assert commands.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}']) == 2  # no overwrite
 
 
 def test_analyze_command_writes_attention_mass(demo_run, capsys):
   common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={demo_run}']
-  assert cli.main(['analyze', *common, '--gin.EVAL_MAX_EXAMPLES=20']) == 0
+  assert commands.main(['analyze', *common, '--gin.EVAL_MAX_EXAMPLES=20']) == 0
   out = json.loads((demo_run / 'analysis' / 'attention_mass.json').read_text())
   assert sorted(out) == ['hyperprompt_demo_has_a', 'hyperprompt_demo_max',
                          'hyperprompt_demo_min']
@@ -147,7 +147,7 @@ def test_finished_run_is_a_noop_that_writes_nothing(demo_run):
   before = snapshot(demo_run)
   console = io.StringIO()
   with contextlib.redirect_stdout(console):
-    assert cli.main(demo_argv(demo_run)) == 0
+    assert commands.main(demo_argv(demo_run)) == 0
   out = console.getvalue()
   assert out.startswith('Nothing to do'), out
   assert 'compil' not in out and 'method ' not in out
@@ -169,7 +169,7 @@ def test_plots_exist_are_pngs_and_follow_the_metrics(demo_run, tmp_path):
   with (copy / 'metrics.jsonl').open('a') as f:  # one more (partial) eval, as a live run
     f.write(json.dumps({'step': STEPS + 20, 'validation/hyperprompt_demo_max/accuracy': 12.5})
             + '\n{"step": 1')
-  assert cli.main(['plot', f'--gin.MODEL_DIR={copy}']) == 0
+  assert commands.main(['plot', f'--gin.MODEL_DIR={copy}']) == 0
   after = snapshot(copy / 'plots')
   assert after['validation_hyperprompt_demo_max.png'] != before[
       'validation_hyperprompt_demo_max.png']
@@ -200,19 +200,19 @@ def test_infer_on_the_users_own_texts(demo_run, tmp_path, capsys):
   txt = tmp_path / 'words.txt'
   txt.write_text('\n'.join(words) + '\n')
   common = ['infer', f'--gin.MODEL_DIR={demo_run}', '--task=hyperprompt_demo_has_a']
-  assert cli.main(common + [f'--input_file={txt}']) == 0
+  assert commands.main(common + [f'--input_file={txt}']) == 0
   rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith('{')]
   assert [r['input'] for r in rows] == words
   assert [r['prediction'] for r in rows] == ['y' if 'a' in w else 'n' for w in words]
   jsonl = tmp_path / 'words.jsonl'
   jsonl.write_text('\n'.join(json.dumps({'inputs': w}) for w in words))
-  assert cli.main(common + [f'--input_file={jsonl}']) == 0
+  assert commands.main(common + [f'--input_file={jsonl}']) == 0
   assert len([l for l in capsys.readouterr().out.splitlines() if l.startswith('{')]) == 3
   empty = tmp_path / 'empty.txt'
   empty.write_text('\n')
   for extra, message in [([f'--input_file={empty}'], 'is empty'),
                          ([f'--input_file={txt}', '--task=nope'], "unknown task 'nope'")]:
-    assert cli.main(common + extra) == 2
+    assert commands.main(common + extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
   assert snapshot(demo_run) == before

@@ -62,7 +62,7 @@ def test_model_gin_gives_t5_1_1_shape(size):
 
 
 def test_tiny_gin_matches_from_size():
-  from hyperprompt_t5x.network import T5Config
+  from hyperprompt_t5x.model.network import T5Config
   config = _build(['models/tiny.gin'])
   reference = T5Config.from_size('tiny')
   for field in ('emb_dim', 'num_heads', 'num_encoder_layers', 'num_decoder_layers',

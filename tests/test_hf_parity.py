@@ -19,9 +19,9 @@ transformers = pytest.importorskip(
 safetensors_numpy = pytest.importorskip(
     'safetensors.numpy', reason='Hugging Face checkpoints are read with safetensors')
 
-from hyperprompt_t5x import checkpoints  # noqa: E402
-from hyperprompt_t5x import network  # noqa: E402
-from hyperprompt_t5x.checkpoints import CheckpointError  # noqa: E402
+from hyperprompt_t5x.checkpoints import pretrained  # noqa: E402
+from hyperprompt_t5x.model import network  # noqa: E402
+from hyperprompt_t5x.checkpoints.pretrained import CheckpointError  # noqa: E402
 
 RTOL = 1e-5
 
@@ -107,7 +107,7 @@ def test_logits_match_hugging_face(case, tmp_path):
   model.save_pretrained(tmp_path, safe_serialization=True)
   assert (tmp_path / 'model.safetensors').is_file()
 
-  config, params = checkpoints.load_hf_t5(tmp_path, dtype=jnp.float32, method='none')
+  config, params = pretrained.load_hf_t5(tmp_path, dtype=jnp.float32, method='none')
   hf = spec['hf']
   assert (config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim) == (
       hf['d_model'], hf['num_heads'], hf['d_kv'], hf['d_ff'])
@@ -115,7 +115,7 @@ def test_logits_match_hugging_face(case, tmp_path):
       hf['num_layers'], hf['num_decoder_layers'])
   assert config.logits_via_embedding == hf.get('tie_word_embeddings', False)
   # The tree is exactly the network's backbone tree (names and shapes).
-  params = checkpoints.merge_backbone(network.param_shapes(config), params,
+  params = pretrained.merge_backbone(network.param_shapes(config), params,
                                       source=str(tmp_path))
 
   enc, dec_in, tgt = _batch(np.random.default_rng(0), *spec['batch'], hf['vocab_size'])
@@ -135,16 +135,16 @@ def test_sharded_and_bfloat16_checkpoints(tmp_path):
   model.save_pretrained(tmp_path / 'sharded', max_shard_size='8KB')
   assert (tmp_path / 'sharded' / 'model.safetensors.index.json').is_file()
   assert not (tmp_path / 'sharded' / 'model.safetensors').exists()
-  _, single = checkpoints.load_hf_t5(tmp_path / 'single')
-  _, sharded = checkpoints.load_hf_t5(tmp_path / 'sharded')
-  a, b = checkpoints.flatten_params(single), checkpoints.flatten_params(sharded)
+  _, single = pretrained.load_hf_t5(tmp_path / 'single')
+  _, sharded = pretrained.load_hf_t5(tmp_path / 'sharded')
+  a, b = pretrained.flatten_params(single), pretrained.flatten_params(sharded)
   assert a.keys() == b.keys()
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
   model.to(torch.bfloat16).save_pretrained(tmp_path / 'bf16')
-  _, bf16 = checkpoints.load_hf_t5(tmp_path / 'bf16')
-  for name, value in checkpoints.flatten_params(bf16).items():
+  _, bf16 = pretrained.load_hf_t5(tmp_path / 'bf16')
+  for name, value in pretrained.flatten_params(bf16).items():
     assert value.dtype == np.float32
     np.testing.assert_allclose(value, a[name], rtol=2 ** -8, atol=0, err_msg=name)
   q = bf16['encoder']['layers_0']['attention']['query']['kernel']
@@ -156,10 +156,10 @@ def test_load_pretrained_detects_hugging_face(tmp_path):
   model = _hf_model(seed=4, vocab_size=32, d_model=8, d_kv=4, num_heads=2, d_ff=16,
                     num_layers=1, num_decoder_layers=1)
   model.save_pretrained(tmp_path)
-  config, params = checkpoints.load_hf_t5(tmp_path, dtype=jnp.float32)
+  config, params = pretrained.load_hf_t5(tmp_path, dtype=jnp.float32)
   # No fresh params given: load_pretrained initialises the model itself.
-  merged = checkpoints.load_pretrained(tmp_path, config)
-  flat, want = checkpoints.flatten_params(merged), checkpoints.flatten_params(params)
+  merged = pretrained.load_pretrained(tmp_path, config)
+  flat, want = pretrained.flatten_params(merged), pretrained.flatten_params(params)
   assert flat.keys() == want.keys()
   for name in want:
     np.testing.assert_array_equal(np.asarray(flat[name]), want[name], err_msg=name)
@@ -175,7 +175,7 @@ def test_rejects_non_gated_gelu(tmp_path):
                     num_layers=1, num_decoder_layers=1, feed_forward_proj='relu')
   model.save_pretrained(tmp_path)
   with pytest.raises(CheckpointError, match='gated-gelu') as e:
-    checkpoints.load_hf_t5(tmp_path)
+    pretrained.load_hf_t5(tmp_path)
   assert str(tmp_path) in str(e.value)
 
 
@@ -189,14 +189,14 @@ def test_missing_or_extra_tensor_is_named(tmp_path):
   del tensors[gone]
   safetensors_numpy.save_file(tensors, file, metadata={'format': 'pt'})
   with pytest.raises(CheckpointError, match=gone.replace('.', r'\.')) as e:
-    checkpoints.load_hf_t5(tmp_path)
+    pretrained.load_hf_t5(tmp_path)
   assert str(tmp_path) in str(e.value)
 
   tensors[gone] = np.zeros((8, 8), np.float32)
   tensors['encoder.block.0.layer.0.adapter.weight'] = np.zeros((8, 8), np.float32)
   safetensors_numpy.save_file(tensors, file, metadata={'format': 'pt'})
   with pytest.raises(CheckpointError, match='adapter'):
-    checkpoints.load_hf_t5(tmp_path)
+    pretrained.load_hf_t5(tmp_path)
 
 
 def test_config_disagreeing_with_weights(tmp_path):
@@ -207,15 +207,15 @@ def test_config_disagreeing_with_weights(tmp_path):
   cfg.update(num_heads=4, d_kv=2)  # same joined width, wrong split
   (tmp_path / 'config.json').write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match='num_heads'):
-    checkpoints.load_hf_t5(tmp_path)
+    pretrained.load_hf_t5(tmp_path)
 
 
 def test_missing_directory_and_weights(tmp_path):
   with pytest.raises(CheckpointError, match='no such'):
-    checkpoints.load_hf_t5(tmp_path / 'absent')
+    pretrained.load_hf_t5(tmp_path / 'absent')
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 't5',
                                                     'feed_forward_proj': 'gated-gelu'}))
   with pytest.raises(CheckpointError, match='model.safetensors'):
-    checkpoints.load_hf_t5(tmp_path)
-  assert not checkpoints.is_hf_t5_directory(tmp_path)
+    pretrained.load_hf_t5(tmp_path)
+  assert not pretrained.is_hf_t5_directory(tmp_path)
   assert os.listdir(tmp_path) == ['config.json']  # nothing written

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import hyperformer
-from hyperprompt_t5x import network
-from hyperprompt_t5x import param_count
+from hyperprompt_t5x.model import hyperformer
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model import param_count
 
 TINY = dict(vocab_size=16, emb_dim=4, num_heads=1, head_dim=4, mlp_dim=8,
             num_encoder_layers=2, num_decoder_layers=1, num_tasks=3, dtype=jnp.float32,

@@ -2,7 +2,7 @@
 import io
 import json
 
-from hyperprompt_t5x import metrics_logging
+from hyperprompt_t5x.run import metrics_logging
 
 
 def _logger(model_dir):

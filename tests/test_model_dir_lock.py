@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from hyperprompt_t5x import model_dir_lock
-from hyperprompt_t5x.model_dir_lock import LOCK_FILE, ModelDirLock, ModelDirLockedError
+from hyperprompt_t5x.training import model_dir_lock
+from hyperprompt_t5x.training.model_dir_lock import LOCK_FILE, ModelDirLock, ModelDirLockedError
 
 
 def _write_lock(model_dir, **holder):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hyperprompt_t5x import models
+from hyperprompt_t5x.model import models
 import step_helpers  # tests/ is on sys.path under pytest (rootdir conftest)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from hyperprompt_t5x import network
+from hyperprompt_t5x.model import network
 
 # emb 16 != heads*head_dim = 2*6: catches any mix-up of embed and joined_kv.
 TINY = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=6, mlp_dim=24,

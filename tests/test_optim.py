@@ -142,7 +142,8 @@ def test_adafactor_factors_large_matrices_and_matches_t5x_settings():
 
 
 def test_factor_rules_cover_every_logical_axis_of_every_method():
-  from hyperprompt_t5x import network, partitioning
+  from hyperprompt_t5x.model import network
+  from hyperprompt_t5x import partitioning
   for name in partitioning.CONDITIONING_AXES:
     assert name in optim.LOGICAL_FACTOR_RULES, name
   for method in network.METHODS:

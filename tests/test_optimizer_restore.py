@@ -7,7 +7,10 @@ import optax
 import pytest
 from flax import serialization
 
-from hyperprompt_t5x import checkpoints, network, optim, train_state
+from hyperprompt_t5x.checkpoints import pretrained
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x import optim
+from hyperprompt_t5x.run import train_state
 
 
 def _toy_params(seed=0):
@@ -34,12 +37,12 @@ def _trained_state(freeze='all', optimizer='adafactor', steps=3):
 
 
 def test_real_t5x_checkpoint_holds_adafactor_state_that_fits(t5x_tiny_checkpoint):
-  saved = checkpoints.load_optimizer_state(t5x_tiny_checkpoint)
-  params = checkpoints.load_t5x_params(t5x_tiny_checkpoint)
+  saved = pretrained.load_optimizer_state(t5x_tiny_checkpoint)
+  params = pretrained.load_t5x_params(t5x_tiny_checkpoint)
   assert saved.step == 0
-  assert sorted(saved.param_states) == sorted(checkpoints.flatten_params(params))
+  assert sorted(saved.param_states) == sorted(pretrained.flatten_params(params))
   # Every slot fits the optimizer the trainer builds for the inferred model.
-  config = checkpoints.t5x_config_from_params(params, method='prompt_tuning', num_tasks=2)
+  config = pretrained.t5x_config_from_params(params, method='prompt_tuning', num_tasks=2)
   shapes = network.param_shapes(config)
   tx = optim.make_optimizer('adafactor', 1e-3, params=shapes,
                             param_axes=network.param_logical_axes(config))
@@ -55,13 +58,13 @@ def test_t5x_msgpack_state_round_trip(tmp_path):
   ours = optim.find_adafactor_state(state)
   param_states = {name: dict(slots, m=np.zeros((1,), np.float32))
                   for name, slots in optim.flatten_t5x_param_states(ours).items()}
-  nested = checkpoints.unflatten_params(
+  nested = pretrained.unflatten_params(
       {f'{n}/{k}': np.asarray(v) for n, slots in param_states.items() for k, v in slots.items()})
   (tmp_path / 'checkpoint_3').mkdir()
   (tmp_path / 'checkpoint_3' / 'checkpoint').write_bytes(serialization.msgpack_serialize({
       'version': 3, 'optimizer': {'target': jax.device_get(params),
                                   'state': {'step': np.int32(3), 'param_states': nested}}}))
-  saved = checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_3'))
+  saved = pretrained.load_optimizer_state(str(tmp_path / 'checkpoint_3'))
   assert saved.step == 3
   for name, slots in param_states.items():
     for slot, value in slots.items():
@@ -74,7 +77,7 @@ def test_project_checkpoint_state_restores_slot_for_slot(tmp_path, freeze):
   store = train_state.CheckpointStore(tmp_path)
   store.save(3, train_state.TrainState(step=jnp.int32(3), params=params, opt_state=state))
   store.wait()
-  saved = checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_3'))
+  saved = pretrained.load_optimizer_state(str(tmp_path / 'checkpoint_3'))
   ours = optim.flatten_t5x_param_states(optim.find_adafactor_state(state))
   assert saved.step == 3 and sorted(saved.param_states) == sorted(ours)
   # A fresh optimizer of the full model takes the backbone slots and the step;
@@ -102,11 +105,11 @@ def test_adamw_checkpoint_and_parameters_only_hold_no_adafactor_state(tmp_path):
   store = train_state.CheckpointStore(tmp_path)
   store.save(3, train_state.TrainState(step=jnp.int32(3), params=params, opt_state=state))
   store.wait()
-  assert checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_3')) is None
+  assert pretrained.load_optimizer_state(str(tmp_path / 'checkpoint_3')) is None
   (tmp_path / 'checkpoint_9').mkdir()
   (tmp_path / 'checkpoint_9' / 'checkpoint').write_bytes(serialization.msgpack_serialize(
       {'version': 3, 'optimizer': {'target': jax.device_get(params)}}))
-  assert checkpoints.load_optimizer_state(str(tmp_path / 'checkpoint_9')) is None
+  assert pretrained.load_optimizer_state(str(tmp_path / 'checkpoint_9')) is None
 
 
 def test_state_of_another_factoring_is_one_clear_error():
@@ -134,17 +137,18 @@ def _with_trained_state(src, dst, step):
   state = raw['optimizer']['state']
   state['step'] = np.int32(step)
   rng = np.random.default_rng(0)
-  flat = checkpoints.flatten_params(state['param_states'])
+  flat = pretrained.flatten_params(state['param_states'])
   for key, value in flat.items():
     flat[key] = rng.uniform(0.5, 2.0, np.shape(value)).astype(np.float32)
-  state['param_states'] = checkpoints.unflatten_params(flat)
+  state['param_states'] = pretrained.unflatten_params(flat)
   dst.mkdir()
   (dst / 'checkpoint').write_bytes(serialization.msgpack_serialize(raw))
   return flat
 
 
 def test_fine_tuning_start_restores_or_not_and_says_which(t5x_tiny_checkpoint, tmp_path, capsys):
-  from hyperprompt_t5x import gin_config, run_setup
+  from hyperprompt_t5x import gin_config
+  from hyperprompt_t5x.run import run_setup
   gin_config.parse(['demo.gin'], macros=[('MODEL_DIR', '/tmp/unused')], bindings=T5X_TINY)
   config = gin_config.model_config()
   flat = _with_trained_state(t5x_tiny_checkpoint, tmp_path / 'checkpoint_1000', 1000)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from hyperprompt_t5x import network
-from hyperprompt_t5x import param_count
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model import param_count
 
 # emb 16 != heads*head_dim 12 (like T5 1.1 small); 3 encoder / 2 decoder layers.
 SMALLISH = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=6, mlp_dim=24,

@@ -120,7 +120,7 @@ def test_eight_host_devices_mesh_and_batch_sharding():
 @pytest.mark.parametrize('method', ['share', 'sep', 'global', 'prompt_tuning', 'hyperformer'])
 def test_every_param_has_known_distinct_logical_axes(method):
   """flax's axis rules (activation constraints) reject a name repeated in one array."""
-  from hyperprompt_t5x import network
+  from hyperprompt_t5x.model import network
   config = network.T5Config.from_size('tiny', method=method, num_tasks=3)
   specs = jax.tree_util.tree_leaves(network.param_logical_axes(config),
                                     is_leaf=lambda x: isinstance(x, P))

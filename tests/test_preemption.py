@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from hyperprompt_t5x import preemption
+from hyperprompt_t5x.training import preemption
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])

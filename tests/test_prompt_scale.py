@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import checkpoints
-from hyperprompt_t5x import cli
-from hyperprompt_t5x import network
-from hyperprompt_t5x import prompt_scale
-from hyperprompt_t5x import t5x_checkpoint
+from hyperprompt_t5x.checkpoints import pretrained
+from hyperprompt_t5x.cli import commands
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.training import prompt_scale
+from hyperprompt_t5x.checkpoints import t5x_format
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -37,11 +37,11 @@ def _batch(vocab):
                                           ('sep', {}), ('global', {})])
 def test_ratios_on_the_t5x_checkpoint_are_one_after_calibration(method, flags,
                                                                 t5x_tiny_checkpoint):
-  pretrained = t5x_checkpoint.load_t5x_params(str(t5x_tiny_checkpoint))
-  cfg = t5x_checkpoint.t5x_config_from_params(
-      pretrained, method=method, num_tasks=3, dtype=jnp.float32, dropout_rate=0.0,
+  backbone = t5x_format.load_t5x_params(str(t5x_tiny_checkpoint))
+  cfg = t5x_format.t5x_config_from_params(
+      backbone, method=method, num_tasks=3, dtype=jnp.float32, dropout_rate=0.0,
       prompt_length=4, bottleneck=8, **flags)
-  params = checkpoints.merge_backbone(network.random_params(cfg, seed=1), pretrained)
+  params = pretrained.merge_backbone(network.random_params(cfg, seed=1), backbone)
   batch = _batch(cfg.vocab_size)
 
   @jax.jit
@@ -61,7 +61,7 @@ def test_ratios_on_the_t5x_checkpoint_are_one_after_calibration(method, flags,
       # move a little with the earlier prompts.
       np.testing.assert_allclose(a, 1.0, rtol=6e-2, err_msg=f'{kind} {name}')
   # Only the up-projections (and Global's layer embeddings) changed; the backbone is untouched.
-  flat_a, flat_b = checkpoints.flatten_params(params), checkpoints.flatten_params(calibrated)
+  flat_a, flat_b = pretrained.flatten_params(params), pretrained.flatten_params(calibrated)
   changed = sorted(k for k in flat_a if not np.array_equal(flat_a[k], flat_b[k]))
   allowed = ('_up', 'layer_embedding') if method == 'global' else ('_up',)
   assert changed and all(any(a in k for a in allowed) for k in changed), changed
@@ -95,8 +95,8 @@ def restored_runs(tmp_path_factory, t5x_tiny_checkpoint, compilation_cache):
   step 0 runs under T5X in tests/test_t5x_runs.py (the same prompt_scale.calibrate_first_batch)."""
   del compilation_cache  # the second run reuses the first's compiled programs
   from bench.kill_harness import demo_args
-  cfg = t5x_checkpoint.t5x_config_from_params(
-      t5x_checkpoint.load_t5x_params(str(t5x_tiny_checkpoint)))
+  cfg = t5x_format.t5x_config_from_params(
+      t5x_format.load_t5x_params(str(t5x_tiny_checkpoint)))
   shapes = [f'--gin_bindings=T5Config.{f} = {getattr(cfg, f)}' for f in (
       'vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
       'num_decoder_layers', 'mlp_dim')]  # the checkpoint's shapes over demo.gin's
@@ -109,10 +109,10 @@ def restored_runs(tmp_path_factory, t5x_tiny_checkpoint, compilation_cache):
                      *shapes, steps=1, save=1)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-      assert cli.run(args) == 0
+      assert commands.run(args) == 0
     lines = [m for m in map(_LINE.match, out.getvalue().splitlines()) if m]
-    runs[rescale] = (lines, checkpoints.flatten_params(
-        checkpoints.load_t5x_params(str(model_dir / 'checkpoint_1'))))
+    runs[rescale] = (lines, pretrained.flatten_params(
+        pretrained.load_t5x_params(str(model_dir / 'checkpoint_1'))))
   return runs
 
 
@@ -149,13 +149,13 @@ def test_calibrate_prompt_scale_false_logs_ratios_and_keeps_u(restored_runs, cap
   differs = {k for k in on_params if not np.array_equal(on_params[k], off_params[k])}
   assert differs - {'task_conditioning/prompts'} == {'task_conditioning/key_up',
                                                      'task_conditioning/value_up'}, differs
-  assert cli.main(['train', '--help']) == 0
+  assert commands.main(['train', '--help']) == 0
   assert '--gin.CALIBRATE_PROMPT_SCALE=True' in capsys.readouterr().out
 
 
 def test_calibrate_prompt_scale_must_be_a_bool(tmp_path):
   with pytest.raises(ValueError, match='calibrate_prompt_scale must be a bool.*'
                                        'CALIBRATE_PROMPT_SCALE'):
-    cli.run(['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={tmp_path / "run"}',
+    commands.run(['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={tmp_path / "run"}',
              "--gin.CALIBRATE_PROMPT_SCALE='no'"])
   assert not (tmp_path / 'run').exists()

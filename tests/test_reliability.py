@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import cli, model_dir_lock
+from hyperprompt_t5x.cli import commands
+from hyperprompt_t5x.training import model_dir_lock
 from test_trainer import copy_of, demo_args, snapshot  # tests/ is on sys.path under pytest
 from bench import kill_harness  # noqa: E402  (test_trainer put the repository on sys.path)
 
@@ -57,7 +58,7 @@ def _checkpoints(model_dir) -> dict:
 def test_signals_and_kills_resume_to_identical_params(tmp_path, compilation_cache, capsys):
   steps, save = 12, 6
   reference = tmp_path / 'reference'
-  assert cli.main(demo_args(reference, steps=steps, save=save)) == 0
+  assert commands.main(demo_args(reference, steps=steps, save=save)) == 0
   model_dir = tmp_path / 'interrupted'
   args = demo_args(model_dir, steps=steps, save=save)
   capsys.readouterr()
@@ -67,7 +68,7 @@ def test_signals_and_kills_resume_to_identical_params(tmp_path, compilation_cach
   done = threading.Event()
   watcher = _signal_self_after(model_dir, 2, signal.SIGINT, done)
   try:
-    code = cli.main(args)
+    code = commands.main(args)
   finally:
     done.set()
     watcher.join()
@@ -101,7 +102,7 @@ def test_signals_and_kills_resume_to_identical_params(tmp_path, compilation_cach
   assert {k: v for k, v in _checkpoints(model_dir).items() if k in before} == before
 
   # 4. The same command again runs to the end: same params, metrics, as never interrupted.
-  assert cli.main(args) == 0
+  assert commands.main(args) == 0
   assert 'Starting at step 0 from' not in capsys.readouterr().out
   comparison = kill_harness.compare_runs(reference, model_dir, steps)
   assert comparison['params_identical'] and comparison['params_compared'] > 20
@@ -118,7 +119,7 @@ def test_signals_and_kills_resume_to_identical_params(tmp_path, compilation_cach
 def two_checkpoints(tmp_path_factory):
   """MODEL_DIR with checkpoint_2 and checkpoint_4 of the demo model."""
   model_dir = tmp_path_factory.mktemp('two') / 'run'
-  assert cli.main(demo_args(model_dir, steps=4, save=2)) == 0
+  assert commands.main(demo_args(model_dir, steps=4, save=2)) == 0
   return model_dir
 
 
@@ -147,7 +148,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_training_resumes(
   why = damage(model_dir / 'checkpoint_4')
   damaged = snapshot(model_dir / 'checkpoint_4')
   capsys.readouterr()
-  assert cli.main(demo_args(model_dir, steps=4, save=2)) == 0
+  assert commands.main(demo_args(model_dir, steps=4, save=2)) == 0
   out = capsys.readouterr().out
   assert f'checkpoint {model_dir / "checkpoint_4"} is damaged: {why}' in out, out
   assert f'Moved it to {model_dir / "damaged" / "checkpoint_4"}' in out
@@ -161,7 +162,7 @@ def test_eval_and_infer_on_a_damaged_checkpoint(two_checkpoints, tmp_path, capsy
   model_dir = copy_of(two_checkpoints, tmp_path)
   why = _truncate(model_dir / 'checkpoint_4')
   before = snapshot(model_dir)
-  assert cli.main([command, '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
+  assert commands.main([command, '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
                    '--gin.EVAL_MAX_EXAMPLES=4']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == [f'error: checkpoint {model_dir / "checkpoint_4"} is damaged: {why}'], err
@@ -175,7 +176,7 @@ def test_eval_and_infer_on_a_damaged_checkpoint(two_checkpoints, tmp_path, capsy
 def test_eval_and_infer_refuse_another_models_checkpoint(two_checkpoints, capsys, command,
                                                          binding, field):
   before = snapshot(two_checkpoints)
-  assert cli.main([command, '--gin_file=demo.gin', f'--gin.MODEL_DIR={two_checkpoints}',
+  assert commands.main([command, '--gin_file=demo.gin', f'--gin.MODEL_DIR={two_checkpoints}',
                    f'--gin_bindings={binding}']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'different model' in err[0] and field in err[0], err
@@ -191,7 +192,7 @@ def test_second_writer_is_refused_and_a_dead_holder_is_not(two_checkpoints, tmp_
          'start_ticks': model_dir_lock._process_start_ticks(holder.pid)}))
     before = snapshot(model_dir)
     capsys.readouterr()
-    assert cli.main(demo_args(model_dir, steps=6, save=2)) == 2
+    assert commands.main(demo_args(model_dir, steps=6, save=2)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f'host {socket.gethostname()}, pid {holder.pid}, started' in err[0]
     assert 'being written by another run' in err[0]
@@ -199,7 +200,7 @@ def test_second_writer_is_refused_and_a_dead_holder_is_not(two_checkpoints, tmp_
   finally:
     holder.kill()
     holder.wait()
-  assert cli.main(demo_args(model_dir, steps=6, save=2)) == 0  # its holder is gone
+  assert commands.main(demo_args(model_dir, steps=6, save=2)) == 0  # its holder is gone
   out = capsys.readouterr().out
   assert f'taking over the lock of a run that is gone (host {socket.gethostname()}, ' \
          f'pid {holder.pid}' in out
@@ -216,7 +217,7 @@ def test_failed_save_stops_with_one_line_and_the_next_run_resumes(two_checkpoint
   previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
   resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
   try:
-    code = cli.main(demo_args(model_dir, steps=6, save=2))
+    code = commands.main(demo_args(model_dir, steps=6, save=2))
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, previous)
@@ -227,18 +228,20 @@ def test_failed_save_stops_with_one_line_and_the_next_run_resumes(two_checkpoint
       'intact. Free space (or fix the cause) and rerun the same command to resume.'], err
   assert _checkpoints(model_dir) == before
   assert not list(model_dir.glob('*orbax-checkpoint-tmp*'))
-  assert cli.main(demo_args(model_dir, steps=6, save=2)) == 0
+  assert commands.main(demo_args(model_dir, steps=6, save=2)) == 0
   assert f'Starting at step 4 from {model_dir}/checkpoint_4' in capsys.readouterr().out
 
 
 def test_task_id_outside_the_mixture_is_refused_before_decoding(two_checkpoints):
-  from hyperprompt_t5x import evaluation, gin_config, run_setup
+  from hyperprompt_t5x.evaluation import evaluator
+  from hyperprompt_t5x import gin_config
+  from hyperprompt_t5x.run import run_setup
   gin_config.parse(['demo.gin'], macros=[('MODEL_DIR', str(two_checkpoints))])
   run = run_setup.build_run(model_dir=str(two_checkpoints), config=gin_config.model_config(),
                             mixture_or_task_name='hyperprompt_demo',
                             task_feature_lengths={'inputs': 8, 'targets': 2},
                             settings=run_setup.OptimizerSettings(optimizer='adamw'))
-  decoder = evaluation.Decoder(run, 4, 2)
+  decoder = evaluator.Decoder(run, 4, 2)
   tokens = np.full((2, 8), 5, np.int32)
   with pytest.raises(ValueError, match=r'task_ids out of range \[0, num_tasks=3\): bad ids \[3\]'):
     decoder(run.state.params, tokens, np.array([0, 3]))

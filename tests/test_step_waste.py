@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hyperprompt_t5x import conditioning
-from hyperprompt_t5x import layers
-from hyperprompt_t5x import network
+from hyperprompt_t5x.model import conditioning
+from hyperprompt_t5x.model import layers
+from hyperprompt_t5x.model import network
 
 # Global prompts on every attention block, 1+1 layers, emb 16 != heads*head_dim.
 PROMPTED = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=6, mlp_dim=24,

@@ -16,10 +16,10 @@ import seqio  # noqa: E402
 from t5x import decoding as t5x_decoding  # noqa: E402
 from t5x import optimizers as t5x_optimizers  # noqa: E402
 
-from hyperprompt_t5x import models  # noqa: E402
-from hyperprompt_t5x import network  # noqa: E402
-from hyperprompt_t5x import prompt_scale  # noqa: E402
-from hyperprompt_t5x import t5x_model  # noqa: E402
+from hyperprompt_t5x.model import models  # noqa: E402
+from hyperprompt_t5x.model import network  # noqa: E402
+from hyperprompt_t5x.training import prompt_scale  # noqa: E402
+from hyperprompt_t5x.t5x_adapter import t5x_model  # noqa: E402
 
 TARGET_LEN = 4
 
@@ -167,9 +167,8 @@ def test_only_the_t5x_adapter_imports_t5x():
   (read from the source: this process has imported t5x already)."""
   import ast
   import pathlib
-  package = pathlib.Path(t5x_model.__file__).parent
-  sources = sorted(package.rglob('*.py')) + sorted(pathlib.Path(
-      __import__('hyperprompt_t5x.tasks').tasks.__file__).parent.rglob('*.py'))
+  package = pathlib.Path(t5x_model.__file__).parents[1]
+  sources = sorted(package.rglob('*.py'))
   assert len(sources) > 30
   importers = set()
   for path in sources:
@@ -182,7 +181,7 @@ def test_only_the_t5x_adapter_imports_t5x():
 
 
 def test_restore_transformation_refuses_other_models_and_project_layouts():
-  from hyperprompt_t5x.checkpoints import CheckpointError
+  from hyperprompt_t5x.checkpoints.pretrained import CheckpointError
   target = {'target': {'encoder': {'k': 0}, 'task_conditioning': {'p': 0}},
             'state': {'step': 0, 'param_states': {}}}
   t5x_ckpt = {'target': {'encoder': {'k': 1}}, 'state': {'step': 1000000}}
@@ -202,7 +201,7 @@ def test_restore_transformation_refuses_other_models_and_project_layouts():
 
 
 def test_known_bad_input_under_t5x_is_one_line():
-  from hyperprompt_t5x.checkpoints import CheckpointError
+  from hyperprompt_t5x.checkpoints.pretrained import CheckpointError
   line = t5x_model.one_line_error
   assert line(ValueError('MODEL_DIR/macro.value set to `%gin.REQUIRED` but not subsequently '
                          'overridden.')).startswith(

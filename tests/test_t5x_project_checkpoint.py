@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip(
     't5x', reason='t5x not importable (install it with ../shared/vendor/install-t5x.sh)')
 
-from hyperprompt_t5x import cli  # noqa: E402
+from hyperprompt_t5x.cli import commands  # noqa: E402
 
 from conftest import run_t5x  # noqa: E402
 
@@ -36,11 +36,11 @@ def lean_run(tmp_path_factory, compilation_cache):
   model_dir = tmp_path_factory.mktemp('lean') / 'run'
   common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}', '--gin.XLA_FLAGS=None']
   with contextlib.redirect_stdout(io.StringIO()):
-    assert cli.main(['train', *common, f'--gin.TRAIN_STEPS={STEPS}', '--gin.EVAL_PERIOD=None',
+    assert commands.main(['train', *common, f'--gin.TRAIN_STEPS={STEPS}', '--gin.EVAL_PERIOD=None',
                      f'--gin.SAVE_PERIOD={STEPS}']) == 0
-    assert cli.main(['eval', *common]) == 0
+    assert commands.main(['eval', *common]) == 0
     predictions = model_dir.parent / 'predictions.jsonl'
-    assert cli.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={predictions}']) == 0
+    assert commands.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={predictions}']) == 0
   scores = json.loads((model_dir / f'eval_validation_{STEPS}.json').read_text())
   rows = [json.loads(l) for l in predictions.read_text().splitlines()]
   return model_dir, scores, rows
@@ -85,7 +85,8 @@ def _t5x_manager(model_dir, num_tasks):
   import jax.numpy as jnp
   import seqio
   from t5x import adafactor, partitioning, utils
-  from hyperprompt_t5x import network, t5x_model
+  from hyperprompt_t5x.model import network
+  from hyperprompt_t5x.t5x_adapter import t5x_model
   fields = json.loads((model_dir / 'model_config.json').read_text())
   fields.update(mlp_activations=tuple(fields['mlp_activations']), num_tasks=num_tasks)
   vocabulary = seqio.ByteVocabulary()
@@ -106,14 +107,15 @@ def _t5x_manager(model_dir, num_tasks):
 
 def test_t5x_training_state_restores_a_lean_checkpoint_or_refuses_another_model(lean_run):
   from flax import traverse_util
-  from hyperprompt_t5x import checkpoints, t5x_model
+  from hyperprompt_t5x.checkpoints import pretrained
+  from hyperprompt_t5x.t5x_adapter import t5x_model
   model_dir, _, _ = lean_run
   path = str(model_dir / f'checkpoint_{STEPS}')
   state = _t5x_manager(model_dir, 3).restore(
       path=path, state_transformation_fns=[t5x_model.check_checkpoint_fits])
   assert int(state.step) == STEPS
-  ours = checkpoints.flatten_params(checkpoints.load_t5x_params(path))
-  theirs = checkpoints.flatten_params(traverse_util.unflatten_dict(
+  ours = pretrained.flatten_params(pretrained.load_t5x_params(path))
+  theirs = pretrained.flatten_params(traverse_util.unflatten_dict(
       traverse_util.flatten_dict(dict(state.params))))
   assert sorted(ours) == sorted(theirs)
   for name, value in ours.items():
@@ -121,7 +123,7 @@ def test_t5x_training_state_restores_a_lean_checkpoint_or_refuses_another_model(
   # The lean demo trains with AdamW: T5X's Adafactor slots start at zero.
   slots = traverse_util.flatten_dict(state.state_dict()['state']['param_states'])
   assert slots and all(not np.any(np.asarray(v)) for v in slots.values())
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(pretrained.CheckpointError,
                      match=r'checkpoint_40: the checkpoint does not fit this model \(another '
                            r'method, size or number of tasks\?\): 2 of another shape'):
     _t5x_manager(model_dir, 4).restore(
@@ -135,7 +137,9 @@ def test_t5x_beam_search_on_the_trained_checkpoint_equals_the_projects_greedy(le
   import jax
   import seqio
   from t5x import adafactor, decoding
-  from hyperprompt_t5x import checkpoints, network, t5x_model
+  from hyperprompt_t5x.checkpoints import pretrained
+  from hyperprompt_t5x.model import network
+  from hyperprompt_t5x.t5x_adapter import t5x_model
   from hyperprompt_t5x.tasks import mixtures
   model_dir, _, rows = lean_run
   fields = json.loads((model_dir / 'model_config.json').read_text())
@@ -144,7 +148,7 @@ def test_t5x_beam_search_on_the_trained_checkpoint_equals_the_projects_greedy(le
   model = t5x_model.HyperPromptEncoderDecoderModel(
       network.Transformer(network.T5Config(**fields)), vocabulary, vocabulary,
       adafactor.Adafactor(), decode_fn=decoding.beam_search)
-  params = checkpoints.load_t5x_params(str(model_dir / f'checkpoint_{STEPS}'))
+  params = pretrained.load_t5x_params(str(model_dir / f'checkpoint_{STEPS}'))
   inputs = np.zeros((len(rows), 8), np.int32)  # [batch, inputs_len]: bytes + EOS, padded
   for i, r in enumerate(rows):
     ids = vocabulary.encode(r['inputs']) + [1]

@@ -18,7 +18,7 @@ except ImportError:
   pytest.skip('t5x not importable (install it with ../shared/vendor/install-t5x.sh)',
               allow_module_level=True)
 
-from hyperprompt_t5x import cli  # noqa: E402
+from hyperprompt_t5x.cli import commands  # noqa: E402
 
 from conftest import run_t5x  # noqa: E402
 
@@ -103,11 +103,11 @@ def test_t5x_fine_tuning_calibrates_the_prompt_scale_at_its_first_step(t5x_run):
 def assert_project_reads_t5x_params(ckpt):
   """checkpoints.load_t5x_params equals orbax's plain restore of T5X's `state` item."""
   import orbax.checkpoint as ocp
-  from hyperprompt_t5x import checkpoints
-  ours = checkpoints.flatten_params(checkpoints.load_t5x_params(str(ckpt)))
+  from hyperprompt_t5x.checkpoints import pretrained
+  ours = pretrained.flatten_params(pretrained.load_t5x_params(str(ckpt)))
   assert any(k.startswith('task_conditioning/') for k in ours)
   stored = ocp.PyTreeCheckpointer().restore(str(ckpt / 'state'))
-  theirs = checkpoints.flatten_params(stored['target'])
+  theirs = pretrained.flatten_params(stored['target'])
   assert sorted(ours) == sorted(theirs)
   for k, v in theirs.items():
     np.testing.assert_array_equal(ours[k], np.asarray(v, np.float32), err_msg=k)
@@ -115,7 +115,7 @@ def assert_project_reads_t5x_params(ckpt):
 
 def test_project_eval_reads_a_t5x_checkpoint(t5x_run):
   model_dir, _ = t5x_run
-  assert cli.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
+  assert commands.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
                    '--gin.XLA_FLAGS=None', "--gin.METHOD='global'",
                    *[f'--gin.{k}={v}' for k, v in CONDITIONING.items() if k != 'METHOD'],
                    '--gin_bindings=T5Config.vocab_size = 32128',  # and conditioning.gin's:

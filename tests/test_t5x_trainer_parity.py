@@ -21,12 +21,12 @@ from t5x import adafactor  # noqa: E402
 from t5x import train_state as t5x_train_state  # noqa: E402
 from t5x import trainer as t5x_trainer  # noqa: E402
 
-from hyperprompt_t5x import models  # noqa: E402
-from hyperprompt_t5x import network  # noqa: E402
+from hyperprompt_t5x.model import models  # noqa: E402
+from hyperprompt_t5x.model import network  # noqa: E402
 from hyperprompt_t5x import optim  # noqa: E402
 from hyperprompt_t5x import partitioning  # noqa: E402
-from hyperprompt_t5x import t5x_model  # noqa: E402
-from hyperprompt_t5x import train_state  # noqa: E402
+from hyperprompt_t5x.t5x_adapter import t5x_model  # noqa: E402
+from hyperprompt_t5x.run import train_state  # noqa: E402
 
 STEPS, BATCH, IN_LEN, TGT_LEN, LR = 4, 8, 7, 3, 1e-3
 

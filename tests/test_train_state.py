@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import models, optim, partitioning, train_state
+from hyperprompt_t5x.model import models
+from hyperprompt_t5x import optim, partitioning
+from hyperprompt_t5x.run import train_state
 import step_helpers  # tests/ is on sys.path under pytest (rootdir conftest)
 from conftest import FAST_XLA_FLAGS as FAST_XLA  # these subprocesses check numerics; compile dominates
 

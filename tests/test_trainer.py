@@ -13,7 +13,10 @@ import shutil
 import numpy as np
 import pytest
 
-from hyperprompt_t5x import checkpoints, cli, divergence, run_setup
+from hyperprompt_t5x.checkpoints import pretrained
+from hyperprompt_t5x.cli import commands
+from hyperprompt_t5x.training import divergence
+from hyperprompt_t5x.run import run_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -43,15 +46,15 @@ def snapshot(directory) -> dict:
 
 def params_of(model_dir, step) -> dict:
   """Flat name -> array of MODEL_DIR/checkpoint_<step> (read back from the orbax files)."""
-  tree = checkpoints.load_t5x_params(str(pathlib.Path(model_dir) / f'checkpoint_{step}'))
-  return checkpoints.flatten_params(tree)
+  tree = pretrained.load_t5x_params(str(pathlib.Path(model_dir) / f'checkpoint_{step}'))
+  return pretrained.flatten_params(tree)
 
 
 @pytest.fixture(scope='module')
 def trained_dir(tmp_path_factory):
   """MODEL_DIR after 2 demo steps, checkpoint_2 saved."""
   model_dir = tmp_path_factory.mktemp('trained') / 'run'
-  assert cli.run(demo_args(model_dir)) == 0
+  assert commands.run(demo_args(model_dir)) == 0
   assert (model_dir / 'checkpoint_2').is_dir()
   return model_dir
 
@@ -83,7 +86,7 @@ def test_run_writes_metrics_config_and_tensorboard(trained_dir):
 def test_rerun_with_other_config_keeps_config_history(trained_dir, tmp_path):
   model_dir = copy_of(trained_dir, tmp_path)
   before = (model_dir / 'config.gin').read_text()
-  assert cli.run(demo_args(model_dir, steps=3, save=3)) == 0
+  assert commands.run(demo_args(model_dir, steps=3, save=3)) == 0
   assert (model_dir / 'config.gin').read_text() == before  # never overwritten
   assert 'TRAIN_STEPS = 3' in (model_dir / 'config_2.gin').read_text()
   assert (model_dir / 'checkpoint_3').is_dir()
@@ -101,7 +104,7 @@ def from_t5x(tmp_path_factory, t5x_tiny_checkpoint):
   args = demo_args(model_dir, f'--gin.INITIAL_CHECKPOINT_PATH={t5x_tiny_checkpoint}',
                    "--gin.FREEZE='conditioning'",
                    *[f'--gin_bindings={b}' for b in T5X_TINY], steps=3, save=3)
-  assert cli.run(args) == 0
+  assert commands.run(args) == 0
   return model_dir
 
 
@@ -125,7 +128,7 @@ def t5x_start(t5x_tiny_checkpoint, tmp_path_factory):
                               task_feature_lengths={'inputs': 8, 'targets': 2},
                               settings=run_setup.OptimizerSettings(optimizer='adamw'),
                               initial_checkpoint_path=path)
-    return checkpoints.flatten_params(jax.device_get(run.state.params))
+    return pretrained.flatten_params(jax.device_get(run.state.params))
 
   previous = jax.config.jax_default_prng_impl
   jax.config.update('jax_default_prng_impl', 'unsafe_rbg')  # demo.gin's USE_HARDWARE_RNG
@@ -136,8 +139,8 @@ def t5x_start(t5x_tiny_checkpoint, tmp_path_factory):
 
 
 def _expected_backbone(t5x_tiny_checkpoint):
-  tree = checkpoints.load_t5x_params(str(t5x_tiny_checkpoint))
-  return {k: np.asarray(v, np.float32) for k, v in checkpoints.flatten_params(tree).items()}
+  tree = pretrained.load_t5x_params(str(t5x_tiny_checkpoint))
+  return {k: np.asarray(v, np.float32) for k, v in pretrained.flatten_params(tree).items()}
 
 
 def test_initial_checkpoint_gives_backbone_and_fresh_conditioning(t5x_start,
@@ -170,7 +173,7 @@ def test_freeze_conditioning_keeps_backbone_bit_identical(from_t5x, t5x_start,
 def test_freeze_all_trains_backbone(trained_dir, tmp_path):
   """Control for the test above: with FREEZE='all' the backbone moves."""
   model_dir = copy_of(trained_dir, tmp_path)
-  assert cli.run(demo_args(model_dir, steps=3, save=1)) == 0
+  assert commands.run(demo_args(model_dir, steps=3, save=1)) == 0
   before, after = params_of(model_dir, 2), params_of(model_dir, 3)
   moved = [n for n in before if not n.startswith('task_conditioning')
            and not np.array_equal(before[n], after[n])]
@@ -186,7 +189,7 @@ def test_model_dir_of_a_different_model(trained_dir, tmp_path):
   model_dir = copy_of(trained_dir, tmp_path)
   before = snapshot(model_dir)
   with pytest.raises(ValueError, match='different model') as e:
-    cli.run(demo_args(model_dir, '--gin_bindings=T5Config.emb_dim = 32', steps=4))
+    commands.run(demo_args(model_dir, '--gin_bindings=T5Config.emb_dim = 32', steps=4))
   assert 'emb_dim' in str(e.value)
   assert snapshot(model_dir) == before
 
@@ -195,14 +198,14 @@ def test_model_dir_of_a_different_method(trained_dir, tmp_path):
   model_dir = copy_of(trained_dir, tmp_path)
   before = snapshot(model_dir)
   with pytest.raises(ValueError, match='different model'):
-    cli.run(demo_args(model_dir, "--gin_bindings=T5Config.method = 'share'", steps=4))
+    commands.run(demo_args(model_dir, "--gin_bindings=T5Config.method = 'share'", steps=4))
   assert snapshot(model_dir) == before
 
 
 def test_mixture_task_count_differs_from_num_tasks(tmp_path):
   model_dir = tmp_path / 'run'
   with pytest.raises(ValueError, match='NUM_TASKS') as e:
-    cli.run(demo_args(model_dir, '--gin.NUM_TASKS=4'))
+    commands.run(demo_args(model_dir, '--gin.NUM_TASKS=4'))
   assert '3 tasks' in str(e.value) and 'num_tasks=4' in str(e.value)
   assert not model_dir.exists()
 
@@ -211,7 +214,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained_dir, tmp_path):
   model_dir = copy_of(trained_dir, tmp_path)
   good = {k: v for k, v in snapshot(model_dir).items() if k.startswith('checkpoint_2')}
   with pytest.raises(divergence.TrainingDivergedError, match='checkpoint_2') as e:
-    cli.run(demo_args(model_dir, '--gin.LEARNING_RATE=1e39', "--gin.LR_SCHEDULE='constant'",
+    commands.run(demo_args(model_dir, '--gin.LEARNING_RATE=1e39', "--gin.LR_SCHEDULE='constant'",
                       steps=6, save=1))
   assert 'nan' in str(e.value).lower() or 'inf' in str(e.value).lower()
   after = snapshot(model_dir)

@@ -1,0 +1,1 @@
+"""The `hyperprompt-t5x` / `t5x` command line (`commands.main`)."""

@@ -1,0 +1,1 @@
+"""Using a run's checkpoints: per-task validation, predictions, `load()`, analysis, plots."""

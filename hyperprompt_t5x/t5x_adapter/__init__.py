@@ -1,0 +1,1 @@
+"""The model under google-research/t5x: the only package that imports `t5x`."""
