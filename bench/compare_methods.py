@@ -57,8 +57,7 @@ import numpy as np  # noqa: E402
 # gin/demo.gin does; about half the compile time, slightly slower steps).
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
-METHODS = ('none', 'share', 'sep', 'global', 'prompt_tuning', 'hyperformer')
-PROMPT_METHODS = ('share', 'sep', 'global', 'prompt_tuning')
+from hyperprompt_t5x.model.methods import METHODS, PROMPT_METHODS  # noqa: E402
 BYTE_OFFSET, EOS, VOCAB = 3, 1, 384  # seqio.ByteVocabulary ids: byte + 3; PAD 0, EOS 1
 GLUE_TASKS = ('rte', 'mrpc', 'cb', 'copa')
 

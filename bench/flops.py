@@ -41,8 +41,8 @@ with b = 64).
 import dataclasses
 from typing import Any, Dict, Tuple
 
-HYPERPROMPT_METHODS = ('share', 'sep', 'global')
-ALL_METHODS = ('none',) + HYPERPROMPT_METHODS + ('prompt_tuning', 'hyperformer')
+from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
+from hyperprompt_t5x.model.methods import METHODS as ALL_METHODS
 
 
 @dataclasses.dataclass(frozen=True)

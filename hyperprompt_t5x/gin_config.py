@@ -21,18 +21,17 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 
 import hyperprompt_t5x
+from hyperprompt_t5x.model.methods import METHODS
 
 # Names the gin files bind, and the callables behind them (module:attribute).
 _CONFIGURABLES = {
-    'train': ('hyperprompt_t5x.training.trainer', 'train'),
+    'train': ('hyperprompt_t5x.training.trainer', 'train_from_bindings'),
     'evaluate': ('hyperprompt_t5x.evaluation.evaluator', 'evaluate'),
     'infer': ('hyperprompt_t5x.evaluation.evaluator', 'infer'),
     'analyze': ('hyperprompt_t5x.evaluation.analysis', 'analyze'),
 }
 _REGISTERED: dict[str, Any] = {}
 _DTYPES = ('float32', 'bfloat16', 'float16')
-# network.METHODS, in the README's order (no model import for the CLI's checks).
-METHOD_NAMES = ('global', 'share', 'sep', 'prompt_tuning', 'hyperformer', 'none')
 
 
 class GinConfigError(ValueError):
@@ -113,7 +112,7 @@ def _check_one_method_file(gin_files: Sequence[str], paths: Sequence[pathlib.Pat
     raise GinConfigError(
         f'more than one gin file chooses the method: {described}; the later one would '
         'reset the earlier one\'s prompt length and sizes. Give one top-level file and '
-        'choose the method with --gin.METHOD=<' + '|'.join(METHOD_NAMES) + '>')
+        'choose the method with --gin.METHOD=<' + '|'.join(METHODS) + '>')
 
 
 def _check_method() -> None:
@@ -122,10 +121,10 @@ def _check_method() -> None:
   if 'METHOD' not in defined_macros():
     return
   value = gin.query_parameter('%METHOD')
-  if value not in METHOD_NAMES:
+  if value not in METHODS:
     raise GinConfigError(
-        f'unknown METHOD {value!r}{did_you_mean(value, METHOD_NAMES)}; '
-        f'expected one of {", ".join(METHOD_NAMES)}')
+        f'unknown METHOD {value!r}{did_you_mean(value, METHODS)}; '
+        f'expected one of {", ".join(METHODS)}')
 
 
 def _t5_config_factory():

@@ -135,8 +135,9 @@ def process_worker(out_path):
   checksum = float(sum(np.sum(np.abs(np.asarray(x))) for x in jax.tree_util.tree_leaves(params)))
   # Every process writes its shards of one orbax checkpoint, then reads it back.
   from hyperprompt_t5x.run import train_state
+  from hyperprompt_t5x.checkpoints import store as store_lib
   ckpt_dir = os.path.join(os.path.dirname(out_path), 'ckpt_%d_processes' % n)
-  store = train_state.CheckpointStore(ckpt_dir, keep=1)
+  store = store_lib.CheckpointStore(ckpt_dir, keep=1)
   store.save(3, state, {'data_batches': 3})
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -64,7 +64,7 @@ def test_config_inferred_from_real_checkpoint(tiny_params):
 
 def test_conditioning_key_matches_network():
   from hyperprompt_t5x.model import network
-  assert pretrained.CONDITIONING_KEY == network.CONDITIONING_KEY
+  assert pretrained.CONDITIONING_KEY is network.CONDITIONING_KEY  # one definition
 
 
 @pytest.mark.parametrize('method', ['none', 'global'])

@@ -4,6 +4,7 @@ import pathlib
 import pytest
 
 from hyperprompt_t5x import gin_config
+from hyperprompt_t5x.model.methods import METHODS
 
 # T5 1.1 shapes (DESIGN.md §2; T5X's t5_1_1/*.gin): emb, heads, enc/dec layers, head_dim, mlp.
 T5_1_1 = {
@@ -161,7 +162,7 @@ def test_macro_values_from_the_command_line():
 @pytest.mark.parametrize('top', ['demo.gin'] + [f'hyperprompt_{s}.gin' for s in T5_1_1])
 def test_method_macro_switches_method_and_keeps_the_files_sizes(top):
   default = _build([top])
-  for method in gin_config.METHOD_NAMES:
+  for method in METHODS:
     config = _build([top], METHOD=method)
     assert config.method == method
     for field in ('prompt_length', 'bottleneck', 'task_embed_dim', 'layer_task_dim',
@@ -178,7 +179,7 @@ def test_unknown_method_lists_the_valid_ones():
   with pytest.raises(gin_config.GinConfigError) as e:
     gin_config.parse(['demo.gin'], macros=[('METHOD', 'shar')])
   assert "did you mean 'share'" in str(e.value)
-  for name in gin_config.METHOD_NAMES:
+  for name in METHODS:
     assert name in str(e.value)
 
 

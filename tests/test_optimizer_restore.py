@@ -10,6 +10,7 @@ from flax import serialization
 from hyperprompt_t5x.checkpoints import pretrained
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x import optim
+from hyperprompt_t5x.checkpoints import store as store_lib
 from hyperprompt_t5x.run import train_state
 
 
@@ -74,7 +75,7 @@ def test_t5x_msgpack_state_round_trip(tmp_path):
 @pytest.mark.parametrize('freeze', ['all', 'prompts'])
 def test_project_checkpoint_state_restores_slot_for_slot(tmp_path, freeze):
   tx, params, state = _trained_state(freeze)
-  store = train_state.CheckpointStore(tmp_path)
+  store = store_lib.CheckpointStore(tmp_path)
   store.save(3, train_state.TrainState(step=jnp.int32(3), params=params, opt_state=state))
   store.wait()
   saved = pretrained.load_optimizer_state(str(tmp_path / 'checkpoint_3'))
@@ -102,7 +103,7 @@ def test_project_checkpoint_state_restores_slot_for_slot(tmp_path, freeze):
 
 def test_adamw_checkpoint_and_parameters_only_hold_no_adafactor_state(tmp_path):
   _, params, state = _trained_state(optimizer='adamw')
-  store = train_state.CheckpointStore(tmp_path)
+  store = store_lib.CheckpointStore(tmp_path)
   store.save(3, train_state.TrainState(step=jnp.int32(3), params=params, opt_state=state))
   store.wait()
   assert pretrained.load_optimizer_state(str(tmp_path / 'checkpoint_3')) is None

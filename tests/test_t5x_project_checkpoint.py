@@ -124,7 +124,7 @@ def test_t5x_training_state_restores_a_lean_checkpoint_or_refuses_another_model(
   slots = traverse_util.flatten_dict(state.state_dict()['state']['param_states'])
   assert slots and all(not np.any(np.asarray(v)) for v in slots.values())
   with pytest.raises(pretrained.CheckpointError,
-                     match=r'checkpoint_40: the checkpoint does not fit this model \(another '
+                     match=r'checkpoint_40: the checkpoint does not fit the model \(another '
                            r'method, size or number of tasks\?\): 2 of another shape'):
     _t5x_manager(model_dir, 4).restore(
         path=path, state_transformation_fns=[t5x_model.check_checkpoint_fits])

@@ -19,6 +19,8 @@ import pytest
 
 from hyperprompt_t5x.model import models
 from hyperprompt_t5x import optim, partitioning
+from hyperprompt_t5x.checkpoints import errors
+from hyperprompt_t5x.checkpoints import store as store_lib
 from hyperprompt_t5x.run import train_state
 import step_helpers  # tests/ is on sys.path under pytest (rootdir conftest)
 from conftest import FAST_XLA_FLAGS as FAST_XLA  # these subprocesses check numerics; compile dominates
@@ -190,7 +192,7 @@ def trained(overfit):
 
 def test_checkpoint_round_trip_keep_n_and_no_overwrite(trained, tmp_path):
   state, shardings = trained
-  store = train_state.CheckpointStore(tmp_path, keep=2)
+  store = store_lib.CheckpointStore(tmp_path, keep=2)
   assert store.latest_step() is None
   extra = {'data_batches': 2, 'fingerprint': 'abc', 'nested': {'x': [1, 2]}}
   for step in (1, 2, 3):
@@ -211,14 +213,14 @@ def test_checkpoint_round_trip_keep_n_and_no_overwrite(trained, tmp_path):
     assert x.sharding == s
   # A concrete state works as the target too (its shardings are used); a fresh
   # store (a restarted process) reads the same directory.
-  again, _ = train_state.CheckpointStore(tmp_path, create=False).restore(2, state)
+  again, _ = store_lib.CheckpointStore(tmp_path, create=False).restore(2, state)
   assert int(again.step) == int(state.step)
   np.testing.assert_array_equal(again.params['task_conditioning']['prompts'],
                                 state.params['task_conditioning']['prompts'])
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    train_state.CheckpointStore(tmp_path / 'missing', create=False)
+    store_lib.CheckpointStore(tmp_path / 'missing', create=False)
   before = _dir_digest(tmp_path)
-  with pytest.raises(train_state.CheckpointError, match='already exists'):
+  with pytest.raises(errors.CheckpointError, match='already exists'):
     store.save(3, state, {})
   with pytest.raises(TypeError, match='JSON'):
     store.save(4, state, {'bad': object()})
@@ -227,7 +229,7 @@ def test_checkpoint_round_trip_keep_n_and_no_overwrite(trained, tmp_path):
 
 def test_restore_from_a_different_model_is_one_clear_error(trained, setup, tmp_path):
   state, _ = trained
-  store = train_state.CheckpointStore(tmp_path)
+  store = store_lib.CheckpointStore(tmp_path)
   store.save(2, state, {})
   before = _dir_digest(tmp_path)
   # Same family, 4 tasks instead of 3: conditioning tables differ in shape.
@@ -236,8 +238,8 @@ def test_restore_from_a_different_model_is_one_clear_error(trained, setup, tmp_p
   other_tx = optim.make_optimizer('adafactor', 1e-3,
                                   params=other.init_abstract(1, 8, 4)['params'])
   abstract, shardings = train_state.state_shardings_for(other, other_tx, mesh, rules, 8, 4)
-  with pytest.raises(train_state.CheckpointMismatchError) as info:
-    train_state.CheckpointStore(tmp_path).restore(
+  with pytest.raises(errors.CheckpointMismatchError) as info:
+    store_lib.CheckpointStore(tmp_path).restore(
         2, train_state.abstract_with_shardings(abstract, shardings))
   msg = str(info.value)
   assert str(tmp_path / 'checkpoint_2') in msg
@@ -247,17 +249,17 @@ def test_restore_from_a_different_model_is_one_clear_error(trained, setup, tmp_p
   share_tx = optim.make_optimizer('adafactor', 1e-3,
                                   params=share.init_abstract(1, 8, 4)['params'])
   abstract, shardings = train_state.state_shardings_for(share, share_tx, mesh, rules, 8, 4)
-  with pytest.raises(train_state.CheckpointMismatchError, match='missing .*key_down'):
-    train_state.CheckpointStore(tmp_path).restore(
+  with pytest.raises(errors.CheckpointMismatchError, match='missing .*key_down'):
+    store_lib.CheckpointStore(tmp_path).restore(
         2, train_state.abstract_with_shardings(abstract, shardings))
   assert _dir_digest(tmp_path) == before
-  with pytest.raises(train_state.CheckpointError, match='no checkpoint for step 7'):
-    train_state.CheckpointStore(tmp_path).restore(7, state)
+  with pytest.raises(errors.CheckpointError, match='no checkpoint for step 7'):
+    store_lib.CheckpointStore(tmp_path).restore(7, state)
 
 
 def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
   state, shardings = trained
-  store = train_state.CheckpointStore(tmp_path)
+  store = store_lib.CheckpointStore(tmp_path)
   store.save(5, state, {'data_batches': 5})
   ckpt = tmp_path / 'checkpoint_5'
   data_files = [f for f in ckpt.rglob('*') if f.is_file() and '/d/' in str(f)]
@@ -266,13 +268,13 @@ def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
     f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
   before = _dir_digest(tmp_path)
   target = train_state.abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
-  with pytest.raises(train_state.CheckpointCorruptError, match=str(ckpt)):
-    train_state.CheckpointStore(tmp_path).restore(5, target)
+  with pytest.raises(errors.CheckpointCorruptError, match=str(ckpt)):
+    store_lib.CheckpointStore(tmp_path).restore(5, target)
   assert _dir_digest(tmp_path) == before
   # Damaged metadata as well.
   (ckpt / 'state' / '_METADATA').write_text('{not json')
-  with pytest.raises(train_state.CheckpointCorruptError, match=str(ckpt)):
-    train_state.CheckpointStore(tmp_path).restore(5, target)
+  with pytest.raises(errors.CheckpointCorruptError, match=str(ckpt)):
+    store_lib.CheckpointStore(tmp_path).restore(5, target)
 
 
 def _target_of(trained):
@@ -282,7 +284,7 @@ def _target_of(trained):
 
 def test_damaged_checkpoint_is_named_and_moved_aside_whole(trained, tmp_path):
   state, _ = trained
-  store = train_state.CheckpointStore(tmp_path)
+  store = store_lib.CheckpointStore(tmp_path)
   store.save(1, state, {'data_batches': 1})
   store.save(2, state, {'data_batches': 2})
   victim = max((f for f in (tmp_path / 'checkpoint_2').rglob('*') if f.is_file()),
@@ -291,7 +293,7 @@ def test_damaged_checkpoint_is_named_and_moved_aside_whole(trained, tmp_path):
   size = victim.stat().st_size
   victim.write_bytes(victim.read_bytes()[:100])
   damaged_files = _dir_digest(tmp_path / 'checkpoint_2')
-  with pytest.raises(train_state.CheckpointCorruptError) as e:
+  with pytest.raises(errors.CheckpointCorruptError) as e:
     store.restore(2, _target_of(trained))
   assert str(e.value) == (f'checkpoint {tmp_path / "checkpoint_2"} is damaged: file {name} '
                           f'is truncated (100 of {size} bytes)')
@@ -302,7 +304,7 @@ def test_damaged_checkpoint_is_named_and_moved_aside_whole(trained, tmp_path):
   assert extra['data_batches'] == 1
   store.save(2, state, {'data_batches': 2})  # the resumed run writes step 2 again
   (tmp_path / 'checkpoint_2' / 'extra' / 'metadata').unlink()
-  with pytest.raises(train_state.CheckpointCorruptError, match='file extra/metadata is missing'):
+  with pytest.raises(errors.CheckpointCorruptError, match='file extra/metadata is missing'):
     store.restore(2, _target_of(trained))
   assert store.move_aside(2) == tmp_path / 'damaged' / 'checkpoint_2.1'
 
@@ -311,14 +313,14 @@ def test_failed_save_is_one_clear_error_and_keeps_the_previous(trained, tmp_path
   """A write that fails (here: a file-size limit, as a full disk would) stops with one
   line; the half-written checkpoint is gone, the previous one intact and restorable."""
   state, _ = trained
-  store = train_state.CheckpointStore(tmp_path)
+  store = store_lib.CheckpointStore(tmp_path)
   store.save(1, state, {'data_batches': 1})
   before = _dir_digest(tmp_path)
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
   resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
   try:
-    with pytest.raises(train_state.CheckpointSaveError) as e:
+    with pytest.raises(errors.CheckpointSaveError) as e:
       store.save(2, state, {'data_batches': 2})
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -328,14 +330,14 @@ def test_failed_save_is_one_clear_error_and_keeps_the_previous(trained, tmp_path
   assert f'could not write checkpoint {tmp_path / "checkpoint_2"}: file too large' in message
   assert f'the previous checkpoint {tmp_path / "checkpoint_1"} is intact' in message
   assert _dir_digest(tmp_path) == before  # no partial checkpoint_2 left behind
-  _, extra = train_state.CheckpointStore(tmp_path).restore(1, _target_of(trained))
+  _, extra = store_lib.CheckpointStore(tmp_path).restore(1, _target_of(trained))
   assert extra['data_batches'] == 1
 
 
 def test_eval_step_matches_train_loss_and_scores(overfit, setup):
   _, shardings, losses, _, batch = overfit
   model, params, mesh, _ = setup
-  eval_fn = train_state.make_eval_step(model, mesh, shardings)
+  eval_fn = train_state.make_eval_step(model, mesh, shardings.params)
   # The first train step reported the loss of the initial params on this batch
   # (dropout is off in the tiny config).
   metrics = jax.device_get(eval_fn(params, partitioning.shard_batch(batch, mesh)))
@@ -353,7 +355,7 @@ def test_create_train_state_rejects_wrong_initial_params(setup):
   bad = jax.tree_util.tree_map(lambda x: x, params)
   bad['token_embedder']['embedding'] = np.zeros((3, 3), np.float32)
   del bad['task_conditioning']['prompts']
-  with pytest.raises(ValueError, match=r'initial_params do not match.*prompts.*embedding'):
+  with pytest.raises(ValueError, match=r'initial_params does not fit the model.*prompts.*embedding'):
     train_state.create_train_state(model, tx, jax.random.PRNGKey(0), mesh, rules, 8, 4,
                                    initial_params=bad)
 
@@ -364,7 +366,7 @@ def test_predict_fn_decodes_greedily_with_shardings(overfit, setup):
   checked against teacher forcing in test_decoding.py)."""
   state, shardings, _, _, batch = overfit
   model, _, mesh, _ = setup
-  predict = train_state.make_predict_fn(model, mesh, shardings, max_decode_length=3)
+  predict = train_state.make_predict_fn(model, mesh, shardings.params, max_decode_length=3)
   tokens = jax.device_get(predict(state.params, partitioning.shard_batch(batch, mesh)))
   assert tokens.shape == (4, 3) and tokens.dtype == np.int32
   logits = jax.jit(model._logits)(state.params, batch, None)  # pylint: disable=protected-access

@@ -27,7 +27,10 @@ import logging
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import jax
 import numpy as np
+
+from hyperprompt_t5x.checkpoints import tree_check
 
 from hyperprompt_t5x.checkpoints.hf_format import hf_t5_to_t5x
 from hyperprompt_t5x.checkpoints.hf_format import is_hf_t5_directory
@@ -37,18 +40,17 @@ from hyperprompt_t5x.checkpoints.t5x_format import absolute_ts_spec
 from hyperprompt_t5x.checkpoints.t5x_format import adafactor_state_from_t5x
 from hyperprompt_t5x.checkpoints.t5x_format import AdafactorCheckpointState
 from hyperprompt_t5x.checkpoints.t5x_format import BACKBONE_KEYS
-from hyperprompt_t5x.checkpoints.t5x_format import CheckpointError
+from hyperprompt_t5x.checkpoints.errors import CheckpointError
 from hyperprompt_t5x.checkpoints.t5x_format import flatten_params
 from hyperprompt_t5x.checkpoints.t5x_format import load_t5x_optimizer_state
 from hyperprompt_t5x.checkpoints.t5x_format import load_t5x_params
 from hyperprompt_t5x.checkpoints.t5x_format import t5x_config_from_params
 from hyperprompt_t5x.checkpoints.t5x_format import unflatten_params
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model.network import CONDITIONING_KEY
 
 Params = Dict[str, Any]
 
-# The one top-level key holding all task-conditioning parameters; must equal
-# `hyperprompt_t5x.model.network.CONDITIONING_KEY` (checked in the tests).
-CONDITIONING_KEY = 'task_conditioning'
 
 
 # ----------------------------------------------------------------------------
@@ -90,23 +92,8 @@ def merge_backbone(fresh_params: Mapping[str, Any],
   if CONDITIONING_KEY in pretrained:
     logging.info('%s: ignoring its %s params (conditioning starts fresh).',
                  source, CONDITIONING_KEY)
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  wrong = sorted(f'{n}: checkpoint {tuple(np.shape(have[n]))}, model '
-                 f'{tuple(np.shape(want[n]))}'
-                 for n in set(want) & set(have)
-                 if tuple(np.shape(want[n])) != tuple(np.shape(have[n])))
-  if missing or unexpected or wrong:
-    parts = []
-    if missing:
-      parts.append(f'{len(missing)} missing from the checkpoint: {missing}')
-    if wrong:
-      parts.append(f'{len(wrong)} with the wrong shape: {wrong}')
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected in the checkpoint: {unexpected}')
-    raise CheckpointError(
-        f'{source}: checkpoint does not fit the model backbone; '
-        + '; '.join(parts))
+  tree_check.check_fits(unflatten_params(have), unflatten_params(want),
+                        f'{source}: checkpoint', with_dtype=False, hint=' backbone')
 
   merged = unflatten_params({
       n: np.asarray(have[n], dtype=_dtype_of(want[n])) for n in want})
@@ -170,8 +157,6 @@ def load_pretrained(path: str, config, fresh_params: Optional[Mapping[str, Any]]
 
 def init_params(config, *, seed: int = 0) -> Params:
   """A fresh `Transformer(config)` parameter tree (plain dict, no 'params')."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   return to_plain_dict(network.init_params(config, jax.random.PRNGKey(seed)))
 
 

@@ -18,12 +18,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from flax import serialization
 import numpy as np
 
+from hyperprompt_t5x.checkpoints import step_dirs
+from hyperprompt_t5x.checkpoints.errors import CheckpointError
+
 Params = Dict[str, Any]
 BACKBONE_KEYS = ('token_embedder', 'encoder', 'decoder')
-
-
-class CheckpointError(ValueError):
-  """A checkpoint cannot be read, or does not fit the model; says what and where."""
 
 
 # ----------------------------------------------------------------------------
@@ -126,7 +125,7 @@ def _checkpoint_file(path: str) -> Tuple[str, str]:
   if os.path.isdir(path):
     file = os.path.join(path, 'checkpoint')
     if not os.path.isfile(file):
-      steps = sorted(d for d in os.listdir(path) if d.startswith('checkpoint_'))
+      steps = [step_dirs.name(s) for s in step_dirs.steps_in(path)]
       hint = (f' It holds {", ".join(steps)}: pass one of those.' if steps else '')
       raise CheckpointError(
           f'{path}: not a T5X checkpoint directory (no `checkpoint` file in it).'

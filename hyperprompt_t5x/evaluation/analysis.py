@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperprompt_t5x.model import conditioning
+from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
 from hyperprompt_t5x.model import network
+from hyperprompt_t5x.evaluation import evaluator
 
 KINDS = {'encoder': ('encoder', 'attention'), 'decoder': ('decoder', 'self_attention'),
          'cross': ('decoder', 'encoder_decoder_attention')}
@@ -43,7 +44,7 @@ KINDS = {'encoder': ('encoder', 'attention'), 'decoder': ('decoder', 'self_atten
 
 def prompted_kinds(config: network.T5Config) -> List[str]:
   """The attention kinds with prompt columns under `config`'s method."""
-  if config.method in conditioning.HYPERPROMPT_METHODS:
+  if config.method in HYPERPROMPT_METHODS:
     return [k for k, flag in (('encoder', config.prompt_encoder),
                               ('decoder', config.prompt_decoder),
                               ('cross', config.prompt_cross_attention)) if flag]
@@ -153,17 +154,17 @@ def analyze(*, model_dir: str, model_config, mixture_or_task_name: str,
   """Writes MODEL_DIR/analysis/attention_mass.{json,png} for one checkpoint (eval's flags).
 
   num_examples per task (default 100, the paper's); max_examples, when set
-  and smaller, caps it as for eval.
+  and smaller, caps it as for eval. `optimizer` and `freeze`: not used, as for eval.
   """
-  from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  del optimizer, freeze
   _check_method(model_config)
   if max_examples is not None:
     num_examples = min(num_examples, max_examples)
-  run, validation, model_dir = evaluator._restored_evaluator(  # pylint: disable=protected-access
+  run, validation, model_dir = evaluator.restored_evaluator(
       model_dir, model_config, mixture_or_task_name, task_feature_lengths,
-      checkpoint_path, num_partitions, optimizer, freeze, split=split,
+      checkpoint_path, num_partitions, split=split,
       batch_size=batch_size, max_examples=num_examples)
-  params = jax.device_get(run.state.params)
+  params = jax.device_get(run.params)
   mass_fn = jax.jit(lambda p, b: prompt_mass(model_config, p, b))
   note = method_note(model_config)
   results = {}

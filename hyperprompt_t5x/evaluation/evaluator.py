@@ -19,9 +19,14 @@ import time
 from typing import Any, Mapping, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
-from hyperprompt_t5x.checkpoints import t5x_run_store
+from hyperprompt_t5x import partitioning
+from hyperprompt_t5x.checkpoints import step_dirs, t5x_run_store
+from hyperprompt_t5x.checkpoints.store import CheckpointStore
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.run import run_setup, train_state
 
 BEST_FILE = 'best.json'
 
@@ -31,7 +36,7 @@ def task_score(metrics: Mapping[str, float]) -> float:
   return float(np.mean(values)) if values else float('nan')
 
 
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   if array.shape[0] == rows:
     return array
   pad = [(0, rows - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
@@ -42,14 +47,13 @@ class Decoder:
   """Greedy cached decoding of fixed-size batches on the run's mesh (jitted once)."""
 
   def __init__(self, run, batch_size: int, max_decode_length: int):
-    from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
     if batch_size % jax.process_count():
       raise ValueError(f'EVAL_BATCH_SIZE {batch_size} is not divisible by the '
                        f'{jax.process_count()} processes')
     self.batch_size = batch_size
     self.mesh = run.mesh
     self.num_tasks = run.config.num_tasks
-    self._fn = train_state.make_predict_fn(run.model, run.mesh, run.shardings,
+    self._fn = train_state.make_predict_fn(run.model, run.mesh, run.param_shardings,
                                            max_decode_length=max_decode_length)
 
   def __call__(self, params, encoder_input_tokens: np.ndarray,
@@ -59,13 +63,11 @@ class Decoder:
     A task id outside [0, num_tasks) is refused here: inside the compiled
     program it would gather NaN conditioning (network.check_task_ids).
     """
-    from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
     network.check_task_ids(task_ids, self.num_tasks)
     n = encoder_input_tokens.shape[0]
-    batch = {'encoder_input_tokens': _pad_rows(np.asarray(encoder_input_tokens, np.int32),
+    batch = {'encoder_input_tokens': pad_rows(np.asarray(encoder_input_tokens, np.int32),
                                                self.batch_size),
-             'task_ids': _pad_rows(np.asarray(task_ids, np.int32), self.batch_size)}
+             'task_ids': pad_rows(np.asarray(task_ids, np.int32), self.batch_size)}
     processes = jax.process_count()
     if processes > 1:  # each process feeds its slice of the (identical) eval batch
       rows = self.batch_size // processes
@@ -256,6 +258,15 @@ class Evaluator:
       os.replace(path + '.tmp', path)
 
 
+def eval_missing(logger, evaluator, start: int, eval_period, train_steps: int) -> bool:
+  """Whether the eval due at `start` is not in metrics.jsonl (a kill after its save)."""
+  due = start > 0 and ((eval_period and start % eval_period == 0) or start == train_steps)
+  missing = bool(due) and not logger.logged(start, (evaluator.split,))
+  if jax.process_count() > 1:  # only the chief reads metrics.jsonl; all must agree
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
+
+
 # ----------------------------------------------------------------------------
 # CLI entry points (gin configurables `evaluate` and `infer`).
 # ----------------------------------------------------------------------------
@@ -265,42 +276,37 @@ def _checkpoint_step(checkpoint_path: Optional[str]) -> tuple:
   """CHECKPOINT_PATH -> (model_dir or None, step or None)."""
   if checkpoint_path is None:
     return None, None
-  path = os.path.normpath(str(checkpoint_path))
-  base = os.path.basename(path)
-  if base.startswith('checkpoint_') and base[len('checkpoint_'):].isdigit():
-    return os.path.dirname(path), int(base[len('checkpoint_'):])
+  model_dir, step = step_dirs.split(checkpoint_path)
+  if step is not None:
+    return model_dir, step
   raise ValueError(f'CHECKPOINT_PATH {checkpoint_path!r} is not a MODEL_DIR/checkpoint_<step> '
                    'directory (leave it None for the latest checkpoint in MODEL_DIR)')
 
 
-def _restored_evaluator(model_dir, model_config, mixture_or_task_name, task_feature_lengths,
-                        checkpoint_path, num_partitions, optimizer, freeze, *, split,
-                        batch_size, max_examples):
-  """The run restored from a MODEL_DIR checkpoint and an Evaluator over its tasks."""
-  from hyperprompt_t5x.run import run_setup  # pylint: disable=g-import-not-at-top
+def restored_evaluator(model_dir, model_config, mixture_or_task_name, task_feature_lengths,
+                       checkpoint_path, num_partitions, *, split, batch_size, max_examples):
+  """A MODEL_DIR checkpoint restored for inference and an Evaluator over its tasks."""
   if not isinstance(model_dir, str):
     raise ValueError(f'model_dir must be a path, got {model_dir!r} (gin macro MODEL_DIR)')
   ckpt_dir, step = _checkpoint_step(checkpoint_path)
   if ckpt_dir is not None:
     model_dir = ckpt_dir
-  steps = [p for p in (os.listdir(model_dir) if os.path.isdir(model_dir) else [])
-           if p.startswith('checkpoint_') and p[len('checkpoint_'):].isdigit()]
+  steps = step_dirs.steps_in(model_dir)
   if not steps:
     raise FileNotFoundError(f'no checkpoint in MODEL_DIR {model_dir} (nothing to evaluate)')
-  if step is not None and f'checkpoint_{step}' not in steps:
-    raise FileNotFoundError(f'no checkpoint_{step} in {model_dir}; it has {sorted(steps)}')
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'no {step_dirs.name(step)} in {model_dir}; it has '
+                            f'{[step_dirs.name(s) for s in steps]}')
   lengths = run_setup.validate_feature_lengths(task_feature_lengths)
-  settings = run_setup.OptimizerSettings(optimizer=optimizer, freeze=freeze)
-  newest = max(int(p[len('checkpoint_'):]) for p in steps)
-  store = None  # this project's CheckpointStore
   if t5x_run_store.is_t5x_checkpoint(
-      os.path.join(model_dir, f'checkpoint_{newest if step is None else step}')):
+      step_dirs.path(model_dir, steps[-1] if step is None else step)):
     store = t5x_run_store.T5XCheckpointStore(model_dir)  # written by T5X
-  run = run_setup.build_run(model_dir=model_dir, config=model_config,
-                            mixture_or_task_name=mixture_or_task_name,
-                            task_feature_lengths=lengths, settings=settings,
-                            num_partitions=num_partitions, checkpoint_step=step,
-                            require_checkpoint=True, store=store)
+  else:
+    store = CheckpointStore(model_dir, create=False)
+  run = run_setup.restore_for_inference(
+      model_dir=model_dir, config=model_config, mixture_or_task_name=mixture_or_task_name,
+      task_feature_lengths=lengths, store=store, num_partitions=num_partitions,
+      checkpoint_step=step)
   evaluator = Evaluator(run, mixture_or_task_name, lengths, split=split,
                         batch_size=batch_size, max_examples=max_examples,
                         model_dir=model_dir)
@@ -316,12 +322,15 @@ def evaluate(*, model_dir: str, model_config, mixture_or_task_name: str,
 
   Results go to MODEL_DIR/eval_<split>_<step>.json and the table to stdout;
   best.json is not touched (it tracks the training run's periodic evals).
+  `optimizer` and `freeze` are not used (no optimizer state is read); they stay so
+  that config.gin files of earlier runs, which bind them, still parse.
   """
-  run, evaluator, model_dir = _restored_evaluator(
+  del optimizer, freeze
+  run, evaluator, model_dir = restored_evaluator(
       model_dir, model_config, mixture_or_task_name, task_feature_lengths,
-      checkpoint_path, num_partitions, optimizer, freeze, split=split,
+      checkpoint_path, num_partitions, split=split,
       batch_size=batch_size, max_examples=max_examples)
-  results = evaluator.scores(run.state.params)
+  results = evaluator.scores(run.params)
   out = {'step': run.start_step, 'split': split, 'tasks': results,
          'average': float(np.mean([task_score(m) for m in results.values()]))}
   if jax.process_index() == 0:
@@ -339,10 +348,14 @@ def infer(*, model_dir: str, model_config, mixture_or_task_name: str,
           split: str = 'validation', batch_size: int = 32, max_examples: Optional[int] = None,
           output_path: Optional[str] = None, num_partitions: int = 1,
           optimizer: str = 'adafactor', freeze: str = 'all') -> str:
-  """Writes predictions as JSONL: one {inputs, target, prediction, task} per example."""
-  run, evaluator, model_dir = _restored_evaluator(
+  """Writes predictions as JSONL: one {inputs, target, prediction, task} per example.
+
+  `optimizer` and `freeze`: not used, as for `evaluate`.
+  """
+  del optimizer, freeze
+  run, evaluator, model_dir = restored_evaluator(
       model_dir, model_config, mixture_or_task_name, task_feature_lengths,
-      checkpoint_path, num_partitions, optimizer, freeze, split=split,
+      checkpoint_path, num_partitions, split=split,
       batch_size=batch_size, max_examples=max_examples)
   path = output_path or os.path.join(model_dir, f'predictions_{split}_{run.start_step}.jsonl')
   if os.path.exists(path):
@@ -352,7 +365,7 @@ def infer(*, model_dir: str, model_config, mixture_or_task_name: str,
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + '.tmp', 'w') as f:
       for task, (inputs, targets, predictions) in evaluator.predictions(
-          run.state.params).items():
+          run.params).items():
         for x, t, p in zip(inputs, targets, predictions):
           f.write(json.dumps({'inputs': x, 'target': t, 'prediction': p, 'task': task},
                              default=str) + '\n')

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from hyperprompt_t5x.evaluation import evaluator
 
 PLOTS_DIR = 'plots'
 
@@ -75,7 +76,6 @@ def draw(model_dir: str) -> list:
     _save(figure, path)
     plt.close(figure)
     written.append(path)
-  from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   best = evaluator.read_best(model_dir)
   for task, metrics in sorted(_validation_series(records).items()):
     figure, ax = plt.subplots(figsize=(6, 3.5))

@@ -20,6 +20,11 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from hyperprompt_t5x.run.metrics_logging import log
+from hyperprompt_t5x import partitioning
+from hyperprompt_t5x.checkpoints import step_dirs
+from hyperprompt_t5x.checkpoints.store import CheckpointStore
+from hyperprompt_t5x.evaluation import evaluator
+from hyperprompt_t5x.run import model_dir_files, run_setup, train_state
 
 _BATCH = 32  # rows per decoding / scoring call (rounded up to the data-parallel size)
 
@@ -48,21 +53,10 @@ def read_input_file(path: str) -> list:
   return rows
 
 
-def _checkpoint(path: str) -> tuple[str, Optional[int]]:
-  """MODEL_DIR or MODEL_DIR/checkpoint_<step> -> (model_dir, step or None)."""
-  path = os.path.normpath(str(path))
-  base = os.path.basename(path)
-  if base.startswith('checkpoint_') and base[len('checkpoint_'):].isdigit():
-    return os.path.dirname(path), int(base[len('checkpoint_'):])
-  return path, None
-
-
 class Predictor:
   """A restored run: `predict` decodes, `score` gives log-likelihoods; per task."""
 
   def __init__(self, run, model_dir: str, mixture: str, lengths: Mapping[str, int]):
-    from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
     self.run = run
     self.model_dir = model_dir
     self.mixture = mixture
@@ -72,7 +66,12 @@ class Predictor:
     data = run.mesh.shape.get('data', 1)
     self._batch = -(-_BATCH // data) * data
     self._decoder = evaluator.Decoder(run, self._batch, self.lengths['targets'])
-    self._eval_step = train_state.make_eval_step(run.model, run.mesh, run.shardings)
+    self._eval_step = train_state.make_eval_step(run.model, run.mesh, run.param_shardings)
+
+  @property
+  def params(self):
+    """The restored parameters (a tree of jax.Arrays)."""
+    return self.run.params
 
   def __repr__(self) -> str:
     return (f'Predictor({self.model_dir}, step {self.step}, method '
@@ -119,11 +118,10 @@ class Predictor:
   def predict(self, texts: Sequence[Union[str, Mapping[str, Any]]], task: Optional[str] = None,
               truncate: bool = False) -> List[str]:
     """Greedy decoding of `texts` as inputs of `task`: one output string per text."""
-    from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     tokens, task_ids, _ = self._inputs(texts, task, truncate)
     out = []
     for start in range(0, len(tokens), self._batch):
-      decoded = self._decoder(self.run.state.params, tokens[start:start + self._batch],
+      decoded = self._decoder(self.params, tokens[start:start + self._batch],
                               task_ids[start:start + self._batch])
       out += evaluator.decode_text(self.run.vocabulary, decoded)
     return out
@@ -132,8 +130,6 @@ class Predictor:
             task: Optional[str] = None, truncate: bool = False) -> List[float]:
     """log p(target | text) under `task` (summed over the target's tokens and EOS)."""
     import jax  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
     if isinstance(targets, str) or len(targets) != len(texts):
       raise ValueError(f'score needs one target per text: {len(texts)} texts, '
                        f'{1 if isinstance(targets, str) else len(targets)} targets')
@@ -142,14 +138,14 @@ class Predictor:
     scores = []
     for start in range(0, len(tokens), self._batch):
       n = len(tokens[start:start + self._batch])
-      pad = lambda a: evaluator._pad_rows(a[start:start + self._batch], self._batch)  # pylint: disable=protected-access
+      pad = lambda a: evaluator.pad_rows(a[start:start + self._batch], self._batch)
       targets_ = pad(target_tokens)
       batch = {'encoder_input_tokens': pad(tokens), 'task_ids': pad(task_ids),
                'decoder_target_tokens': targets_,
                # [batch, targets_len]: targets shifted right, 0 first (T5's decoder input)
                'decoder_input_tokens': np.pad(targets_[:, :-1], ((0, 0), (1, 0))),
                'decoder_loss_weights': (targets_ > 0).astype(np.int32)}
-      metrics = self._eval_step(self.run.state.params,
+      metrics = self._eval_step(self.params,
                                 partitioning.shard_batch(batch, self.run.mesh))
       scores += [float(x) for x in np.asarray(jax.device_get(metrics['scores']))[:n]]
     return scores
@@ -158,8 +154,7 @@ class Predictor:
 def load(model_dir: str, checkpoint_step: Optional[int] = None) -> Predictor:
   """The run in `model_dir` (or MODEL_DIR/checkpoint_<step>) restored for prediction."""
   from hyperprompt_t5x import gin_config  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.run import model_dir_files, run_setup, train_state  # pylint: disable=g-import-not-at-top
-  model_dir, step = _checkpoint(model_dir)
+  model_dir, step = step_dirs.split(model_dir)
   step = checkpoint_step if checkpoint_step is not None else step
   config_path = os.path.join(model_dir, model_dir_files.CONFIG_FILE)
   if not os.path.isfile(config_path):
@@ -168,16 +163,13 @@ def load(model_dir: str, checkpoint_step: Optional[int] = None) -> Predictor:
   import gin  # pylint: disable=g-import-not-at-top
   gin_config.parse([config_path], macros=[('MODEL_DIR', repr(model_dir))])
   values = {name: gin.query_parameter(f'%{name}') for name in
-            ('MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS', 'OPTIMIZER', 'FREEZE')}
+            ('MIXTURE_OR_TASK_NAME', 'TASK_FEATURE_LENGTHS')}
   lengths = run_setup.validate_feature_lengths(values['TASK_FEATURE_LENGTHS'])
   config = gin_config.model_config()
-  store = train_state.CheckpointStore(model_dir, create=False)
-  run = run_setup.build_run(
+  store = CheckpointStore(model_dir, create=False)
+  run = run_setup.restore_for_inference(
       model_dir=model_dir, config=config, mixture_or_task_name=values['MIXTURE_OR_TASK_NAME'],
-      task_feature_lengths=lengths,
-      settings=run_setup.OptimizerSettings(optimizer=values['OPTIMIZER'],
-                                           freeze=values['FREEZE']),
-      checkpoint_step=None if step is None else int(step), require_checkpoint=True,
-      store=store)
+      task_feature_lengths=lengths, store=store,
+      checkpoint_step=None if step is None else int(step))
   log(f'loaded {model_dir} at step {run.start_step}')
   return Predictor(run, model_dir, values['MIXTURE_OR_TASK_NAME'], lengths)

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperprompt_t5x.model import layers
+from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
 
 Array = jax.Array
-HYPERPROMPT_METHODS = ('share', 'sep', 'global')
 
 
 def prompt_blocks(config) -> List[Tuple[str, int]]:

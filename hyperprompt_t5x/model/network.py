@@ -15,7 +15,7 @@ with `nn.with_logical_constraint` (a no-op without axis rules).
 """
 import dataclasses
 import functools
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
@@ -27,16 +27,17 @@ import numpy as np
 from hyperprompt_t5x.model import conditioning as cond_lib
 from hyperprompt_t5x.model import hyperformer
 from hyperprompt_t5x.model import layers
+from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS, METHODS
 
 Array = jax.Array
 
-METHODS = ('none', 'share', 'sep', 'global', 'prompt_tuning', 'hyperformer')
+# The one top-level key of every task-conditioning parameter.
 CONDITIONING_KEY = 'task_conditioning'
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
 EMBEDDING_LOOKUPS = ('gather', 'one_hot')
 
 # (emb, heads, enc layers, dec layers, head_dim, mlp) of the T5 1.1 sizes.
-_SIZES = {
+SIZE_FIELDS = {
     'tiny': dict(emb_dim=16, num_heads=2, num_encoder_layers=2, num_decoder_layers=2,
                  head_dim=6, mlp_dim=24, vocab_size=64),
     'small': dict(emb_dim=512, num_heads=6, num_encoder_layers=8, num_decoder_layers=8,
@@ -50,7 +51,7 @@ _SIZES = {
     'xxl': dict(emb_dim=4096, num_heads=64, num_encoder_layers=24, num_decoder_layers=24,
                 head_dim=64, mlp_dim=10240),
 }
-SIZES = tuple(_SIZES)
+SIZES = tuple(SIZE_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,12 @@ class T5Config:
   remat_policy: str = 'none'
   embedding_lookup: str = 'gather'
 
+  # Fields that change how the model runs, not its parameters: a run may resume with
+  # them changed (model_config.json and the checkpoints' fingerprint leave them out).
+  RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = (
+      'dtype', 'dropout_rate', 'attention_dropout_rate', 'attention_impl', 'remat_policy',
+      'embedding_lookup')
+
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f'T5Config.method={self.method!r} is unknown; expected one of {METHODS}')
@@ -107,7 +114,7 @@ class T5Config:
       object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
     positive = ['vocab_size', 'emb_dim', 'num_heads', 'num_encoder_layers',
                 'num_decoder_layers', 'head_dim', 'mlp_dim', 'num_tasks']
-    if self.method in cond_lib.HYPERPROMPT_METHODS or self.method == 'prompt_tuning':
+    if self.method in HYPERPROMPT_METHODS or self.method == 'prompt_tuning':
       positive.append('prompt_length')
     if self.method in ('share', 'sep', 'global'):
       positive.append('bottleneck')
@@ -127,7 +134,7 @@ class T5Config:
                        'be None (= dropout_rate) or in [0, 1)')
     if not self.mlp_activations:
       raise ValueError('T5Config.mlp_activations must name at least one activation')
-    if (self.method in cond_lib.HYPERPROMPT_METHODS and not
+    if (self.method in HYPERPROMPT_METHODS and not
         (self.prompt_encoder or self.prompt_decoder or self.prompt_cross_attention)):
       raise ValueError(f'T5Config(method={self.method!r}) prompts no attention block: set at '
                        'least one of prompt_encoder, prompt_decoder, prompt_cross_attention')
@@ -140,9 +147,14 @@ class T5Config:
   @classmethod
   def from_size(cls, size: str, **overrides) -> 'T5Config':
     """T5 1.1 shapes: tiny (CPU tests, vocab 64), small, base, large, xl, xxl."""
-    if size not in _SIZES:
+    if size not in SIZE_FIELDS:
       raise ValueError(f'unknown T5 size {size!r}; expected one of {SIZES}')
-    return cls(**{**_SIZES[size], **overrides})
+    return cls(**{**SIZE_FIELDS[size], **overrides})
+
+  def shape_fields(self) -> Dict[str, Any]:
+    """The fields that shape the parameters (all but RUNTIME_FIELDS)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in self.RUNTIME_FIELDS}
 
   @property
   def attention_dropout(self) -> float:

@@ -3,24 +3,28 @@
 * model_config.json: the T5Config the checkpoints were written with; a later run
   with another model config is refused before anything is restored;
 * config.gin: the operative gin config of the first run; a later run whose config
-  differs saves its own as config_<step>.gin.
+  differs saves its own as config_<step>.gin;
+* `config_fingerprint`: the hash of the parameter-shaping fields each checkpoint
+  carries.
+
+A run may resume with T5Config.RUNTIME_FIELDS changed (dtype, dropout, attention
+implementation, remat, embedding lookup); any other field changed is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Optional
 
 import numpy as np
 
+from hyperprompt_t5x.model.network import T5Config
 from hyperprompt_t5x.run.metrics_logging import is_chief, log
 
 CONFIG_FILE = 'config.gin'
 MODEL_CONFIG_FILE = 'model_config.json'
-# Fields that change how a model runs, not what it computes: they may differ on resume.
-_RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'dtype', 'remat_policy',
-                   'attention_impl')
 
 
 def config_dict(config) -> dict:
@@ -29,6 +33,12 @@ def config_dict(config) -> dict:
   if 'dtype' in fields:
     fields['dtype'] = np.dtype(fields['dtype']).name
   return json.loads(json.dumps(fields, default=str))
+
+
+def config_fingerprint(config: T5Config) -> str:
+  """A short hash of the config fields that shape the parameters (all but RUNTIME_FIELDS)."""
+  text = json.dumps(config.shape_fields(), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_model_dir_matches(model_dir: str, config) -> None:
@@ -45,7 +55,7 @@ def check_model_dir_matches(model_dir: str, config) -> None:
   current = config_dict(config)
   diffs = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
            for k in sorted(set(saved) | set(current))
-           if k not in _RUNTIME_FIELDS and saved.get(k) != current.get(k)]
+           if k not in T5Config.RUNTIME_FIELDS and saved.get(k) != current.get(k)]
   if diffs:
     raise ValueError(
         f'MODEL_DIR {model_dir} holds checkpoints of a different model: '

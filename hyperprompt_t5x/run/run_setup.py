@@ -1,6 +1,6 @@
 """Setting up a run: checking the arguments, then model, optimizer, mesh and train state.
 
-`build_run` is shared by training, evaluation and inference. It resumes from the
+`build_run` sets up training. It resumes from the
 latest checkpoint in MODEL_DIR if there is one (T5X's rule), else starts from
 INITIAL_CHECKPOINT_PATH (a T5X checkpoint or a Hugging Face T5 directory:
 backbone restored by name, task conditioning freshly initialised), else from a
@@ -8,7 +8,11 @@ fresh initialisation. It writes nothing: a bad config, a mixture whose task coun
 differs from `num_tasks`, or a checkpoint of another model fails here with one
 error and leaves MODEL_DIR as it was.
 
-seqio / TensorFlow (through `hyperprompt_t5x.tasks`) are imported inside functions.
+`restore_for_inference` sets up eval, infer, analyze and `hyperprompt_t5x.load`: the
+model, the mesh and a checkpoint's parameters, with no optimizer and no train state.
+
+seqio / TensorFlow (through `hyperprompt_t5x.tasks`) are imported inside functions
+(the boundary of docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -17,10 +21,16 @@ import os
 import sys
 from typing import Any, Mapping, Optional
 
+import flax
 import jax
 import numpy as np
 
-from hyperprompt_t5x.run import model_dir_files
+from hyperprompt_t5x import optim, partitioning
+from hyperprompt_t5x.checkpoints import pretrained, step_dirs
+from hyperprompt_t5x.checkpoints.errors import CheckpointMismatchError
+from hyperprompt_t5x.checkpoints.store import CheckpointStore
+from hyperprompt_t5x.model import models, network
+from hyperprompt_t5x.run import model_dir_files, train_state
 from hyperprompt_t5x.run.metrics_logging import log
 
 _ANNOUNCED = set()  # mixtures whose task-id mapping this process has printed
@@ -65,6 +75,26 @@ class Run:
   rules: Any
   state: Any
   shardings: Any
+  store: Any
+  start_step: int
+  task_names: list
+  vocabulary: Any
+  restored_from: str
+
+
+  @property
+  def param_shardings(self):
+    return self.shardings.params
+
+
+@dataclasses.dataclass
+class Restored:
+  """A checkpoint's parameters ready for decoding and scoring (no optimizer state)."""
+  config: Any
+  model: Any
+  mesh: Any
+  params: Any
+  param_shardings: Any
   store: Any
   start_step: int
   task_names: list
@@ -152,9 +182,6 @@ def restore_optimizer_state(state, shardings, path: str, enabled: bool):
   the learning-rate schedule) still counts fine-tuning steps from 0. Prints
   one line saying what happened.
   """
-  from hyperprompt_t5x.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import optim  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
   switch = 'RESTORE_OPTIMIZER_STATE'
   if optim.find_adafactor_state(state.opt_state) is None:
     log(f'Optimizer state: fresh (the optimizer is not Adafactor; {path} is read for its '
@@ -187,7 +214,6 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
               task_feature_lengths: Mapping[str, int], settings: OptimizerSettings,
               num_partitions: int = 1, seed: int = 0, keep_checkpoints: Optional[int] = None,
               initial_checkpoint_path: Optional[str] = None,
-              checkpoint_step: Optional[int] = None, require_checkpoint: bool = False,
               store=None, on_plan=None) -> Run:
   """Model, optimizer, mesh and a train state (restored or initialised).
 
@@ -195,9 +221,6 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
   nothing: a checkpoint that does not fit fails here. `on_plan(plan)` is called
   once the shapes and shardings are known, before the (slow) initialisation.
   """
-  from hyperprompt_t5x.model import models  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import optim, partitioning  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
   partitioning.maybe_initialize_distributed()
   names, vocab = mixture_tasks(mixture_or_task_name, config)
   inputs_len, targets_len = task_feature_lengths['inputs'], task_feature_lengths['targets']
@@ -215,10 +238,8 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
   abstract_state, shardings = train_state.state_shardings_for(
       model, optimizer, mesh, rules, inputs_len, targets_len)
   if store is None:
-    store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
-  step = checkpoint_step if checkpoint_step is not None else store.latest_step()
-  if step is None and require_checkpoint:
-    raise FileNotFoundError(f'no checkpoint in MODEL_DIR {model_dir}')
+    store = CheckpointStore(model_dir, keep=keep_checkpoints)
+  step = store.latest_step()
   if step is not None:
     model_dir_files.check_model_dir_matches(model_dir, config)
   if on_plan is not None:
@@ -227,19 +248,18 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
   if step is not None:
     state, extra = store.restore(
         step, train_state.abstract_with_shardings(abstract_state, shardings))
-    restored_from = f'{model_dir}/checkpoint_{step}'
-    if extra.get('fingerprint') not in (None, train_state.config_fingerprint(config)):
-      raise ValueError(f'{model_dir}/checkpoint_{step} was written for a different model '
-                       'config (fingerprint mismatch); use a new MODEL_DIR')
+    restored_from = step_dirs.path(model_dir, step)
+    if extra.get('fingerprint') not in (None, model_dir_files.config_fingerprint(config)):
+      raise CheckpointMismatchError(f'{restored_from} was written for a different model '
+                                    'config (fingerprint mismatch); use a new MODEL_DIR')
   else:
     state, shardings = train_state.create_train_state(
         model, optimizer, rng, mesh, rules, inputs_len, targets_len)
     restored_from = 'fresh initialisation'
     if initial_checkpoint_path:
-      from hyperprompt_t5x.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
       # Only the (small, replicated) conditioning leaves come to the host; the
       # backbone's shapes and dtypes are all the merge needs from the fresh tree.
-      fresh = {k: (jax.device_get(v) if k == pretrained.CONDITIONING_KEY
+      fresh = {k: (jax.device_get(v) if k == network.CONDITIONING_KEY
                    else abstract_state.params[k]) for k, v in state.params.items()}
       params = pretrained.load_pretrained(str(initial_checkpoint_path), config,
                                            fresh_params=fresh)
@@ -252,3 +272,36 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
   return Run(config=config, model=model, optimizer=optimizer, schedule=schedule, mesh=mesh,
              rules=rules, state=state, shardings=shardings, store=store, start_step=start,
              task_names=names, vocabulary=vocab, restored_from=restored_from)
+
+
+def restore_for_inference(*, model_dir: str, config, mixture_or_task_name: str,
+                          task_feature_lengths: Mapping[str, int], store,
+                          num_partitions: int = 1,
+                          checkpoint_step: Optional[int] = None) -> Restored:
+  """Model, mesh and the parameters of checkpoint `checkpoint_step` (default: the newest).
+
+  `store`: the run's CheckpointStore, or a T5XCheckpointStore for a T5X-written
+  MODEL_DIR (anything with `latest_step` and `restore_params`). Writes nothing.
+  """
+  partitioning.maybe_initialize_distributed()
+  names, vocab = mixture_tasks(mixture_or_task_name, config)
+  inputs_len, targets_len = task_feature_lengths['inputs'], task_feature_lengths['targets']
+  mesh = partitioning.make_mesh(num_partitions)
+  model = models.EncoderDecoderModel(config)
+  abstract = flax.core.unfreeze(model.init_abstract(1, inputs_len, targets_len)['params'])
+  shardings = partitioning.logical_to_mesh_sharding(
+      model.logical_axes(inputs_len, targets_len), mesh,
+      partitioning.standard_logical_axis_rules(), abstract)
+  step = checkpoint_step if checkpoint_step is not None else store.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in MODEL_DIR {model_dir}')
+  model_dir_files.check_model_dir_matches(model_dir, config)
+  params, extra = store.restore_params(step, train_state.abstract_with_shardings(
+      abstract, shardings))
+  restored_from = step_dirs.path(model_dir, step)
+  if extra.get('fingerprint') not in (None, model_dir_files.config_fingerprint(config)):
+    raise CheckpointMismatchError(f'{restored_from} was written for a different model '
+                                  'config (fingerprint mismatch)')
+  return Restored(config=config, model=model, mesh=mesh, params=params,
+                  param_shardings=shardings, store=store, start_step=int(step),
+                  task_names=names, vocabulary=vocab, restored_from=restored_from)

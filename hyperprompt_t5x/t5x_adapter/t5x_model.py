@@ -46,16 +46,17 @@ from t5x import models as t5x_models
 from t5x import partitioning as t5x_partitioning
 from t5x import state_utils
 
-from hyperprompt_t5x.model import conditioning
 from hyperprompt_t5x.model import decoding
 from hyperprompt_t5x import optim
 from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
 from hyperprompt_t5x import partitioning
 from hyperprompt_t5x.training import prompt_scale
 from hyperprompt_t5x.run import run_setup
 from hyperprompt_t5x.checkpoints import t5x_format
 from hyperprompt_t5x.checkpoints import t5x_run_store
-from hyperprompt_t5x.checkpoints.pretrained import CheckpointError
+from hyperprompt_t5x.checkpoints import step_dirs, tree_check
+from hyperprompt_t5x.checkpoints.errors import CheckpointError
 
 PyTree = Any
 TASK_IDS = 'task_ids'
@@ -223,12 +224,13 @@ def prompt_scale_trainer(*, trainer_cls, initial_checkpoint_path: Optional[str] 
   trainer = trainer_cls(**kwargs)
   model = kwargs['model']
   if (not initial_checkpoint_path or not isinstance(model, HyperPromptEncoderDecoderModel)
-      or model.config.method not in conditioning.HYPERPROMPT_METHODS):
+      or model.config.method not in HYPERPROMPT_METHODS):
     return trainer
   step = int(np.asarray(jax.device_get(trainer.train_state.step)))
-  try:
-    fresh = step == t5x_run_store.step_of(initial_checkpoint_path)
-  except CheckpointError:  # not named checkpoint_<step>
+  named_step = step_dirs.step_of(initial_checkpoint_path)
+  if named_step is not None:
+    fresh = step == named_step
+  else:  # not named checkpoint_<step>
     fresh = not t5x_checkpoints.all_steps(os.fspath(kwargs['summary_dir']))
   if not fresh:
     return trainer
@@ -299,26 +301,12 @@ def check_checkpoint_fits(state_dict: Mapping[str, Any], target_state_dict=None,
 
 
 def _check_checkpoint_params(have_tree, want_tree) -> None:
-  have = traverse_util.flatten_dict(flax.core.unfreeze(have_tree), sep='/')
-  want = traverse_util.flatten_dict(flax.core.unfreeze(want_tree), sep='/')
-  key = network.CONDITIONING_KEY + '/'
-  if not any(p.startswith(key) for p in have):  # a backbone checkpoint: fresh conditioning
-    want = {p: v for p, v in want.items() if not p.startswith(key)}
-  missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  shapes = {p: (_shape(have[p]), _shape(want[p])) for p in set(want) & set(have)}
-  wrong = sorted(f'{p}: checkpoint {h}, model {w}' for p, (h, w) in shapes.items()
-                 if h is not None and w is not None and h != w)
-  problems = [f'{len(names)} {what}, e.g. {names[:3]}' for what, names in (
-      ('parameter(s) missing', missing), ('unexpected', unexpected),
-      ('of another shape', wrong)) if names]
-  if problems:
-    raise CheckpointError('the checkpoint does not fit this model (another method, size or '
-                          'number of tasks?): ' + '; '.join(problems))
-
-
-def _shape(leaf) -> Optional[tuple]:
-  shape = getattr(leaf, 'shape', None)
-  return tuple(shape) if isinstance(shape, (tuple, list)) else None
+  have = flax.core.unfreeze(have_tree)
+  want = dict(flax.core.unfreeze(want_tree))
+  if network.CONDITIONING_KEY not in have:  # a backbone checkpoint: fresh conditioning
+    want.pop(network.CONDITIONING_KEY, None)
+  tree_check.check_fits(have, want, 'the checkpoint', with_dtype=False,
+                        hint=' (another method, size or number of tasks?)')
 
 
 # -- project checkpoints under T5X ----------------------------------------------
@@ -342,7 +330,7 @@ class HyperPromptCheckpointManager(t5x_checkpoints.OrbaxCheckpointManagerInterfa
               state_transformation_fns: Sequence[Any] = (),
               lazy_parameters: Optional[bool] = False):
     step_dir = (os.fspath(path) if path is not None else
-                os.path.join(os.fspath(self.directory), f'checkpoint_{step}')
+                step_dirs.path(self.directory, step)
                 if step is not None else None)
     try:
       if step_dir is None or not t5x_run_store.is_project_checkpoint(step_dir):
@@ -395,7 +383,7 @@ def project_state_dict(step_dir: str, target: Mapping[str, Any]) -> dict:
   numpy leaves; the step is the directory's, as T5X reads it.
   """
   params, adafactor_state = t5x_format.load_params_and_optimizer_state(step_dir)
-  step = t5x_run_store.step_of(step_dir)
+  step = step_dirs.require_step(step_dir)
   state = {'step': np.asarray(step, np.int32)}
   if 'param_states' in target['state']:
     state['param_states'] = _t5x_param_states(

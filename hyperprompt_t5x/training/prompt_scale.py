@@ -37,13 +37,14 @@ import optax
 from hyperprompt_t5x.evaluation import analysis
 from hyperprompt_t5x.model import conditioning
 from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
 
 Ratios = Dict[str, Dict[str, Any]]  # {kind: {'key': [layers], 'value': [layers]}}
 
 
 def norm_ratios(config: network.T5Config, params, batch: Mapping[str, Any]) -> Ratios:
   """{kind: {'key': [L], 'value': [L]}} prompt/real norm ratios on `batch` (jit-able)."""
-  if config.method not in conditioning.HYPERPROMPT_METHODS:
+  if config.method not in HYPERPROMPT_METHODS:
     return {}
   enc, tgt = batch['encoder_input_tokens'], batch['decoder_target_tokens']
   _, state = network.Transformer(config).apply(

@@ -12,6 +12,9 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from hyperprompt_t5x import optim
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model.network import CONDITIONING_KEY
 
 METHOD_TITLES = {'global': 'HyperPrompt-Global', 'share': 'HyperPrompt-Share',
                  'sep': 'HyperPrompt-Sep', 'prompt_tuning': 'multi-task prompt tuning',
@@ -22,10 +25,9 @@ _KEY = 12  # width of the label column
 
 def model_size(config) -> str:
   """'T5 1.1 base' when the backbone has a T5 1.1 size's shape, else its shape."""
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   shape = ('emb_dim', 'num_heads', 'num_encoder_layers', 'num_decoder_layers', 'head_dim',
            'mlp_dim')
-  for name, fields in network._SIZES.items():  # pylint: disable=protected-access
+  for name, fields in network.SIZE_FIELDS.items():
     if all(getattr(config, k) == fields[k] for k in shape):
       return f'T5 1.1 {name}'
   return (f'custom T5 1.1 shape: emb {config.emb_dim}, {config.num_encoder_layers}+'
@@ -35,8 +37,6 @@ def model_size(config) -> str:
 
 def parameter_counts(abstract_params, freeze: str) -> dict:
   """total / added (under `task_conditioning`) / trainable, from shapes only."""
-  from hyperprompt_t5x import optim  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.model.network import CONDITIONING_KEY  # pylint: disable=g-import-not-at-top
 
   def size(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

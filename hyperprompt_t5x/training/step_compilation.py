@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from hyperprompt_t5x.run.metrics_logging import log
+from hyperprompt_t5x import partitioning
+from hyperprompt_t5x.run import train_state
 
 
 def batch_spec(mesh, batch_size: int, lengths: Mapping[str, int]) -> dict:
   """The train batch as sharded ShapeDtypeStructs (the data's features are all int32)."""
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
   sharding = partitioning.batch_sharding(mesh)
   shapes = {'encoder_input_tokens': (batch_size, lengths['inputs']),   # [batch, inputs_len]
             'decoder_target_tokens': (batch_size, lengths['targets']),  # [batch, targets_len]
@@ -49,7 +50,6 @@ class TrainStepBuilder:
     self.seconds: Optional[float] = None  # how long the compilation took
 
   def on_plan(self, plan) -> None:
-    from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
     self.step_fn = train_state.make_train_step(plan.model, plan.optimizer, plan.mesh,
                                                plan.shardings, freeze=self._freeze,
                                                schedule=plan.schedule)
@@ -57,7 +57,6 @@ class TrainStepBuilder:
       self.future = self._pool.submit(self._compile, plan)
 
   def _compile(self, plan) -> None:
-    from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
     t0 = time.perf_counter()
     state = train_state.abstract_with_shardings(plan.abstract_state, plan.shardings)
     batch = batch_spec(plan.mesh, self._batch_size, self._lengths)

@@ -13,6 +13,7 @@ import itertools
 from typing import Iterator, Mapping, Optional
 
 import jax
+from hyperprompt_t5x.evaluation import evaluator
 
 
 def train_batches(mixture_or_task_name: str, task_feature_lengths, batch_size: int,
@@ -52,7 +53,6 @@ def open_inputs(mixture_or_task_name: str, lengths: Mapping[str, int], *, batch_
 
   `eval_split=None`: no eval sets.
   """
-  from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   batches = train_batches(mixture_or_task_name, lengths, batch_size, seed, skip=skip,
                           shuffle=shuffle)
   first = next(batches)

@@ -27,52 +27,66 @@ before anything non-finite is saved. What a run survives:
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import inspect
 import os
 import pathlib
 import time
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 
-from hyperprompt_t5x.training import checkpoint_saving, divergence
-from hyperprompt_t5x.run import metrics_logging, model_dir_files
-from hyperprompt_t5x.training import model_dir_lock, preemption, step_compilation, train_data
-from hyperprompt_t5x.run import run_setup
+from hyperprompt_t5x import partitioning
+from hyperprompt_t5x.checkpoints import health, step_dirs
+from hyperprompt_t5x.checkpoints.errors import CheckpointCorruptError
+from hyperprompt_t5x.checkpoints.store import CheckpointStore
+from hyperprompt_t5x.evaluation import evaluator, plots
+from hyperprompt_t5x.model import network
+from hyperprompt_t5x.run import metrics_logging, model_dir_files, run_setup
 from hyperprompt_t5x.run.metrics_logging import is_chief, log
+from hyperprompt_t5x.training import (checkpoint_saving, divergence, model_dir_lock,
+                                      preemption, prompt_scale, run_summary, step_compilation,
+                                      train_data)
 
 
-def train(*,
-          model_dir: str,
-          model_config,
-          mixture_or_task_name: str,
-          task_feature_lengths: Mapping[str, int],
-          train_steps: int,
-          batch_size: int,
-          initial_checkpoint_path: Optional[str] = None,
-          save_period: int = 1000,
-          keep_checkpoints: Optional[int] = None,
-          eval_period: int = 0,
-          eval_split: str = 'validation',
-          eval_batch_size: Optional[int] = None,
-          eval_max_examples: Optional[int] = None,
-          log_period: int = 100,
-          optimizer: str = 'adafactor',
-          learning_rate: float = 1e-3,
-          lr_schedule: str = 'constant',
-          warmup_steps: int = 0,
-          freeze: str = 'all',
-          weight_decay: float = 0.0,
-          z_loss: float = 1e-4,
-          label_smoothing: float = 0.0,
-          restore_optimizer_state: bool = True,
-          calibrate_prompt_scale: bool = True,
-          num_partitions: int = 1,
-          seed: int = 0,
-          shuffle: bool = True,
-          tensorboard: bool = True,
-          use_hardware_rng: bool = False,
-          xla_flags: Optional[str] = None,
-          config_str: Optional[str] = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run is given, built by gin from the `train.*` bindings
+  (gin/runs/finetune.gin: `train.<field> = %MACRO`); see `train` for the meanings."""
+  model_dir: str
+  model_config: Any
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  train_steps: int
+  batch_size: int
+  initial_checkpoint_path: Optional[str] = None
+  save_period: int = 1000
+  keep_checkpoints: Optional[int] = None
+  eval_period: int = 0
+  eval_split: str = 'validation'
+  eval_batch_size: Optional[int] = None
+  eval_max_examples: Optional[int] = None
+  log_period: int = 100
+  optimizer: str = 'adafactor'
+  learning_rate: float = 1e-3
+  lr_schedule: str = 'constant'
+  warmup_steps: int = 0
+  freeze: str = 'all'
+  weight_decay: float = 0.0
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  restore_optimizer_state: bool = True
+  calibrate_prompt_scale: bool = True
+  num_partitions: int = 1
+  seed: int = 0
+  shuffle: bool = True
+  tensorboard: bool = True
+  use_hardware_rng: bool = False
+  xla_flags: Optional[str] = None
+  config_str: Optional[str] = None
+
+
+def train(config: TrainConfig) -> dict:
   """Trains (or resumes training) to `train_steps`; returns a summary dict.
 
   Args mirror T5X's macros: model_dir (MODEL_DIR), mixture_or_task_name
@@ -94,26 +108,36 @@ def train(*,
   xla_flags (XLA_FLAGS) are added to the XLA_FLAGS environment variable if JAX
   has not started its backend yet (a fresh CLI process), else ignored with a note.
   """
-  run_setup.apply_xla_flags(xla_flags)
-  run_setup.require('model_dir', model_dir, str)
-  run_setup.require('mixture_or_task_name', mixture_or_task_name, str)
-  run_setup.require('train_steps', train_steps, int, positive=True)
-  run_setup.require('batch_size', batch_size, int, positive=True)
-  run_setup.require('save_period', save_period, int, positive=True)
-  run_setup.require('log_period', log_period, int, positive=True)
-  run_setup.require('calibrate_prompt_scale', calibrate_prompt_scale, bool)
-  lengths = run_setup.validate_feature_lengths(task_feature_lengths)
+  c = config
+  run_setup.apply_xla_flags(c.xla_flags)
+  run_setup.require('model_dir', c.model_dir, str)
+  run_setup.require('mixture_or_task_name', c.mixture_or_task_name, str)
+  run_setup.require('train_steps', c.train_steps, int, positive=True)
+  run_setup.require('batch_size', c.batch_size, int, positive=True)
+  run_setup.require('save_period', c.save_period, int, positive=True)
+  run_setup.require('log_period', c.log_period, int, positive=True)
+  run_setup.require('calibrate_prompt_scale', c.calibrate_prompt_scale, bool)
+  lengths = run_setup.validate_feature_lengths(c.task_feature_lengths)
   settings = run_setup.OptimizerSettings(
-      optimizer, float(learning_rate), lr_schedule, warmup_steps, freeze,
-      float(weight_decay), float(z_loss), float(label_smoothing), bool(restore_optimizer_state))
+      c.optimizer, float(c.learning_rate), c.lr_schedule, c.warmup_steps, c.freeze,
+      float(c.weight_decay), float(c.z_loss), float(c.label_smoothing),
+      bool(c.restore_optimizer_state))
   t0 = time.perf_counter()
   previous_prng = jax.config.jax_default_prng_impl
-  if use_hardware_rng:
+  if c.use_hardware_rng:
     jax.config.update('jax_default_prng_impl', 'unsafe_rbg')
   try:
-    return _train(**locals())
+    return _train(c, lengths, settings, t0)
   finally:
     jax.config.update('jax_default_prng_impl', previous_prng)
+
+
+def train_from_bindings(**fields) -> dict:
+  """gin's `train` configurable: the `train.<field>` bindings become one TrainConfig."""
+  return train(TrainConfig(**fields))
+
+
+train_from_bindings.__signature__ = inspect.signature(TrainConfig)
 
 
 def _finished_step(model_dir: str, train_steps: int, config) -> Optional[int]:
@@ -122,14 +146,10 @@ def _finished_step(model_dir: str, train_steps: int, config) -> Optional[int]:
   Reads only directory names, the newest checkpoint's file-size manifest and
   model_config.json (no orbax, no compilation).
   """
-  if not os.path.isdir(model_dir):
-    return None
-  steps = [int(name[len('checkpoint_'):]) for name in os.listdir(model_dir)
-           if name.startswith('checkpoint_') and name[len('checkpoint_'):].isdigit()]
+  steps = step_dirs.steps_in(model_dir)
   if not steps or max(steps) < train_steps:
     return None
-  from hyperprompt_t5x.checkpoints import health  # pylint: disable=g-import-not-at-top
-  newest = pathlib.Path(model_dir) / f'checkpoint_{max(steps)}'
+  newest = pathlib.Path(step_dirs.path(model_dir, max(steps)))
   if (not (newest / health.MANIFEST).is_file()
       or health.damage(newest) is not None):
     return None  # not known whole without restoring: the full path checks (and moves) it
@@ -139,7 +159,6 @@ def _finished_step(model_dir: str, train_steps: int, config) -> Optional[int]:
 
 def _nothing_to_do(model_dir: str, step: int, train_steps: int, t0: float) -> dict:
   """A finished MODEL_DIR: say so, reprint best.json's table; write nothing."""
-  from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   log(f'Nothing to do: {model_dir} is at step {step} >= TRAIN_STEPS {train_steps} '
       '(raise --gin.TRAIN_STEPS to train further)')
   best = evaluator.read_best(model_dir)
@@ -157,7 +176,6 @@ def _draw_plots(model_dir: str) -> None:
   if not is_chief():
     return
   try:
-    from hyperprompt_t5x.evaluation import plots  # pylint: disable=g-import-not-at-top
     written = plots.draw(model_dir)
   except ImportError as e:
     log(f'note: no plots ({e}); pip install matplotlib, then: '
@@ -205,7 +223,7 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
     if builder.seconds is not None:
       log(f'train step compiled in {builder.seconds:.1f} s')
   if run.start_step != (resume_step or 0):
-    raise ValueError(f'{model_dir}/checkpoint_{resume_step} holds step {run.start_step}; '
+    raise ValueError(f'{step_dirs.path(model_dir, resume_step)} holds step {run.start_step}; '
                      'the checkpoint directory name and its contents disagree')
   return run, inputs, step_fn
 
@@ -213,8 +231,6 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
 def _calibrate_prompt_scale(model_config, state, batch, mesh, rescale: bool):
   """Step 0 from a restored backbone: log prompt/real k/v norm ratios; bring them to 1
   (unless `rescale` is False: CALIBRATE_PROMPT_SCALE = False keeps the init's generators)."""
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.training import prompt_scale  # pylint: disable=g-import-not-at-top
   params, message = prompt_scale.calibrate_first_batch(
       model_config, state.params, partitioning.shard_batch(batch, mesh), rescale)
   if message is None:
@@ -223,55 +239,44 @@ def _calibrate_prompt_scale(model_config, state, batch, mesh, rescale: bool):
   return state.replace(params=params)
 
 
-def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, t0,
-           **kwargs) -> dict:
+def _train(c: TrainConfig, lengths: dict, settings, t0: float) -> dict:
   """A finished MODEL_DIR answers at once; else checks the mixture and trains while
   holding MODEL_DIR (model_dir_lock.py)."""
-  finished = _finished_step(model_dir, train_steps, model_config)
+  finished = _finished_step(c.model_dir, c.train_steps, c.model_config)
   if finished is not None:
-    return _nothing_to_do(model_dir, finished, train_steps, t0)
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
+    return _nothing_to_do(c.model_dir, finished, c.train_steps, t0)
   partitioning.maybe_initialize_distributed()
-  task_names, _ = run_setup.mixture_tasks(mixture_or_task_name, model_config, announce=False)
-  with model_dir_lock.hold(model_dir, log):
-    return _train_holding_model_dir(model_dir=model_dir, model_config=model_config,
-                                    mixture_or_task_name=mixture_or_task_name,
-                                    train_steps=train_steps, t0=t0, task_names=task_names,
-                                    **kwargs)
+  task_names, _ = run_setup.mixture_tasks(c.mixture_or_task_name, c.model_config,
+                                          announce=False)
+  with model_dir_lock.hold(c.model_dir, log):
+    return _train_holding_model_dir(c, lengths, settings, t0, task_names)
 
 
-def _train_holding_model_dir(
-    *, model_dir, model_config, mixture_or_task_name, train_steps, batch_size,
-    initial_checkpoint_path, save_period, keep_checkpoints, eval_period, eval_split,
-    eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle,
-    tensorboard, config_str, lengths, settings, t0, task_names, calibrate_prompt_scale,
-    **unused) -> dict:
+def _train_holding_model_dir(c: TrainConfig, lengths: dict, settings, t0: float,
+                             task_names: list) -> dict:
   """The body of `train` (arguments validated, MODEL_DIR held)."""
-  from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.training import run_summary  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
-  store = train_state.CheckpointStore(model_dir, keep=keep_checkpoints)
-  eval_batch_size = eval_batch_size or batch_size
-  rng = jax.random.PRNGKey(seed)  # dropout key: fold_in(rng, step) inside the step
+  model_dir, model_config, train_steps = c.model_dir, c.model_config, c.train_steps
+  batch_size, eval_period = c.batch_size, c.eval_period
+  store = CheckpointStore(model_dir, keep=c.keep_checkpoints)
+  eval_batch_size = c.eval_batch_size or batch_size
+  rng = jax.random.PRNGKey(c.seed)  # dropout key: fold_in(rng, step) inside the step
   while True:  # until the newest checkpoint restores (damaged ones are moved aside)
     resume_step = store.latest_step()
     try:
       run, inputs, step_fn = _set_up(
           model_dir=model_dir, model_config=model_config,
-          mixture_or_task_name=mixture_or_task_name, lengths=lengths, settings=settings,
-          store=store, resume_step=resume_step, batch_size=batch_size, seed=seed,
-          shuffle=shuffle, num_partitions=num_partitions,
-          initial_checkpoint_path=initial_checkpoint_path,
-          eval_split=eval_split if eval_period is not None else None,
-          eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, rng=rng,
+          mixture_or_task_name=c.mixture_or_task_name, lengths=lengths, settings=settings,
+          store=store, resume_step=resume_step, batch_size=batch_size, seed=c.seed,
+          shuffle=c.shuffle, num_partitions=c.num_partitions,
+          initial_checkpoint_path=c.initial_checkpoint_path,
+          eval_split=c.eval_split if eval_period is not None else None,
+          eval_batch_size=eval_batch_size, eval_max_examples=c.eval_max_examples, rng=rng,
           on_plan=lambda plan: log(run_summary.describe(
-              plan, model_config, freeze=settings.freeze, mixture=mixture_or_task_name,
+              plan, model_config, freeze=settings.freeze, mixture=c.mixture_or_task_name,
               task_names=task_names, batch_size=batch_size, lengths=lengths,
               train_steps=train_steps, start_step=resume_step, model_dir=model_dir)))
       break
-    except train_state.CheckpointCorruptError as e:
+    except CheckpointCorruptError as e:
       if resume_step is None:
         raise
       checkpoint_saving.set_aside(store, resume_step, e)
@@ -280,21 +285,21 @@ def _train_holding_model_dir(
   validation = None
   if eval_period is not None:
     validation = evaluator.Evaluator(
-        run, mixture_or_task_name, lengths, split=eval_split, batch_size=eval_batch_size,
-        max_examples=eval_max_examples, model_dir=model_dir, sets=inputs.eval_sets)
+        run, c.mixture_or_task_name, lengths, split=c.eval_split, batch_size=eval_batch_size,
+        max_examples=c.eval_max_examples, model_dir=model_dir, sets=inputs.eval_sets)
   # Nothing has been written so far; from here on MODEL_DIR is ours.
-  model_dir_files.save_config_files(model_dir, model_config, config_str, start)
-  logger = metrics_logging.MetricsLogger(model_dir, tensorboard=tensorboard,
+  model_dir_files.save_config_files(model_dir, model_config, c.config_str, start)
+  logger = metrics_logging.MetricsLogger(model_dir, tensorboard=c.tensorboard,
                                          is_chief=is_chief())
   saver = checkpoint_saving.CheckpointSaver(run.store, model_dir, model_config, batch_size)
   pending = metrics_logging.PendingMetrics()
   train_log = metrics_logging.TrainLog(
       logger, schedule=run.schedule, start_step=start, total_steps=train_steps,
       tokens_per_step=batch_size * (lengths['inputs'] + lengths['targets']),
-      periods={'save': save_period, 'eval': eval_period})
+      periods={'save': c.save_period, 'eval': eval_period})
   state = run.state
   seconds_to_first_step = None
-  if validation is not None and checkpoint_saving.eval_missing(
+  if validation is not None and evaluator.eval_missing(
       logger, validation, start, eval_period, train_steps):
     validation.run(state.params, start, logger)  # killed after the save, before this eval
   with preemption.StopRequest() as stop:
@@ -302,9 +307,9 @@ def _train_holding_model_dir(
       for step in range(start, train_steps):
         batch = next(inputs.batches)
         network.check_task_ids(batch['task_ids'], model_config.num_tasks)
-        if step == 0 and initial_checkpoint_path:
+        if step == 0 and c.initial_checkpoint_path:
           state = _calibrate_prompt_scale(model_config, state, batch, run.mesh,
-                                          calibrate_prompt_scale)
+                                          c.calibrate_prompt_scale)
         state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
         pending.add(step, metrics)
         done = step + 1
@@ -313,10 +318,10 @@ def _train_holding_model_dir(
           seconds_to_first_step = time.perf_counter() - t0
         is_last = done == train_steps
         signum = stop.requested()  # SIGTERM / SIGINT: this step is finished; save it, stop
-        save_now = done % save_period == 0 or is_last or bool(signum)
+        save_now = done % c.save_period == 0 or is_last or bool(signum)
         eval_now = validation is not None and ((eval_period and done % eval_period == 0)
                                               or is_last)
-        if done % log_period == 0 or save_now or is_last or (
+        if done % c.log_period == 0 or save_now or is_last or (
             eval_period and done % eval_period == 0):
           fetched = pending.fetch()
           divergence.check_losses(fetched, saver.last_good, model_dir)
@@ -326,7 +331,7 @@ def _train_holding_model_dir(
           t = time.perf_counter()
           saver.save(done, state)
           train_log.pause('save', time.perf_counter() - t)
-          log(f'saved checkpoint_{done} ({time.perf_counter() - t:.1f} s)')
+          log(f'saved {step_dirs.name(done)} ({time.perf_counter() - t:.1f} s)')
         if eval_now:
           jax.block_until_ready(state)
           t = time.perf_counter()
