@@ -58,6 +58,8 @@ import numpy as np  # noqa: E402
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 from hyperprompt_t5x.model.methods import METHODS, PROMPT_METHODS  # noqa: E402
+from hyperprompt_t5x import optim, synthetic_tasks  # noqa: E402
+from hyperprompt_t5x.model import models, network  # noqa: E402
 BYTE_OFFSET, EOS, VOCAB = 3, 1, 384  # seqio.ByteVocabulary ids: byte + 3; PAD 0, EOS 1
 GLUE_TASKS = ('rte', 'mrpc', 'cb', 'copa')
 
@@ -91,7 +93,6 @@ def make_examples(pairs: Sequence[Tuple[str, str, int]], inputs_len: int,
 
 def conflict_data():
   """(task names, train pairs, validation pairs) of the conflict family."""
-  from hyperprompt_t5x import synthetic_tasks  # pylint: disable=g-import-not-at-top
   targets = synthetic_tasks.CONFLICT_TARGETS
   names = list(targets)
   split = {s: [(w, fn(w), k) for k, fn in enumerate(targets.values())
@@ -131,7 +132,6 @@ def glue_data(data_dir: pathlib.Path):
 def model_config(method: str, num_tasks: int, **overrides):
   """The demo's byte-level T5 (gin/demo.gin shapes) with `method`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   kwargs = dict(vocab_size=VOCAB, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                 task_embed_dim=16, layer_task_dim=16, prompt_length=4, bottleneck=16,
                 adapter_dim=16, dtype=jnp.float32, dropout_rate=0.0, method=method,
@@ -148,8 +148,6 @@ class Trainer:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x.model import models, network  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x import optim  # pylint: disable=g-import-not-at-top
     self.config, self.freeze = config, freeze
     self.replicas = [(lr, seed) for lr in lrs for seed in seeds]
     model = models.EncoderDecoderModel(config, z_loss=0.0)

@@ -44,7 +44,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # jax is imported for shapes
 
 from bench import flops as flops_lib  # noqa: E402
-from bench import train_step as jax_bench  # noqa: E402  (batches, table, JSON; no jax at import)
+from bench import train_step as jax_bench  # noqa: E402  (batches, table, JSON)
+from hyperprompt_t5x.model import network  # noqa: E402
 
 MODES = ('full', 'peft_prefix')
 DTYPES = ('bfloat16', 'float32')
@@ -75,7 +76,6 @@ class PeerConfig:
 
 def project_shapes(size: str):
   """The project's T5Config for `size`: the single source of the shapes."""
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   return network.T5Config.from_size(size)
 
 
@@ -234,8 +234,8 @@ def environment() -> Dict[str, Any]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--sizes', type=jax_bench._csv(str, jax_bench.SIZES), default=['base'])  # pylint: disable=protected-access
-  p.add_argument('--modes', type=jax_bench._csv(str, MODES), default=['full', 'peft_prefix'])  # pylint: disable=protected-access
+  p.add_argument('--sizes', type=jax_bench.csv_list(str, jax_bench.SIZES), default=['base'])
+  p.add_argument('--modes', type=jax_bench.csv_list(str, MODES), default=['full', 'peft_prefix'])
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--inputs_len', type=int, default=512)
   p.add_argument('--targets_len', type=int, default=64)

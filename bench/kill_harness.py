@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from typing import Callable, List, Optional
+from hyperprompt_t5x.checkpoints import pretrained  # noqa: E402
 
 TMP_MARK = '.orbax-checkpoint-tmp'
 FAST_XLA = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
@@ -174,7 +175,6 @@ def metrics_by_kind(model_dir) -> dict:
 def compare_runs(reference, resumed, step: int) -> dict:
   """Figures and problems of `resumed` against `reference` (both MODEL_DIRs at `step`)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
   reference, resumed = pathlib.Path(reference), pathlib.Path(resumed)
   problems = []
   want = pretrained.flatten_params(pretrained.load_t5x_params(

@@ -44,7 +44,10 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
   sys.path.insert(0, str(_REPO))
 
-from bench import train_step as bench_step  # noqa: E402  (no jax at import)
+from bench import train_step as bench_step  # noqa: E402
+from bench import step_analysis  # noqa: E402
+from hyperprompt_t5x import partitioning  # noqa: E402
+from hyperprompt_t5x.model import network  # noqa: E402
 
 GIB = 2**30
 # slice name -> (chips = JAX devices, HBM GiB per chip).
@@ -104,7 +107,6 @@ def run_job(args, job) -> Dict[str, Any]:
   """One measurement, in the worker process (host devices already configured)."""
   import jax  # pylint: disable=g-import-not-at-top
   from bench import step_analysis  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
   p = job['partitions']
   devices = job.get('devices') or p
   mesh = partitioning.make_mesh(p, jax.devices()[:devices])
@@ -183,7 +185,6 @@ def batch_bytes(args, per_device_batch: float) -> float:
 
 def plan(args) -> List[Dict[str, Any]]:
   """One row per (size, method, partitions, slice) from the cached measurements."""
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   cache = load_cache(args.cache)
   rows = []
   for size in args.sizes:
@@ -219,7 +220,6 @@ def validation(args) -> Optional[Dict[str, Any]]:
   if not args.validate:
     return None
   size, method, p, devices = args.validate
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   cache = load_cache(args.cache)
   get = lambda **kw: cache[job_key(args, size, method, p, **kw)]
   coef = fit_temp({(l, b): get(kind='temp', layers=l, batch=b)['temp_bytes']
@@ -263,19 +263,15 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def _csv(kind, choices=None):
-  return bench_step._csv(kind, choices)  # pylint: disable=protected-access
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--sizes', type=_csv(str, bench_step.SIZES), default=['small', 'base'])
-  p.add_argument('--methods', type=_csv(str, bench_step.METHODS), default=['none', 'global'])
+  p.add_argument('--sizes', type=bench_step.csv_list(str, bench_step.SIZES), default=['small', 'base'])
+  p.add_argument('--methods', type=bench_step.csv_list(str, bench_step.METHODS), default=['none', 'global'])
   p.add_argument('--partitions', default='default',
                  help="NUM_PARTITIONS list, or 'default': each size's gin default "
                       '(1 up to large, xl 4, xxl 8)')
-  p.add_argument('--slices', type=_csv(str, SLICES), default=list(SLICES))
+  p.add_argument('--slices', type=bench_step.csv_list(str, SLICES), default=list(SLICES))
   p.add_argument('--optimizer', choices=bench_step.OPTIMIZERS, default='adafactor',
                  help="adafactor: the shipped default (gin/runs/finetune.gin)")
   p.add_argument('--freeze', choices=bench_step.FREEZE, default='all')
@@ -283,7 +279,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--targets_len', type=int, default=64)
   p.add_argument('--dtype', default='bfloat16')
   p.add_argument('--num_tasks', type=int, default=8)
-  p.add_argument('--validate', type=_csv(str), default=None,
+  p.add_argument('--validate', type=bench_step.csv_list(str), default=None,
                  help='SIZE,METHOD,PARTITIONS,DEVICES: also compile the full model on '
                       'DEVICES host devices and compare with the prediction')
   p.add_argument('--cache', type=pathlib.Path, default=pathlib.Path('memory_plan.json'),

@@ -20,15 +20,67 @@ parameter is initialised), lowers and compiles it for `mesh` and reads
 * the train state's bytes per device split into parameters and optimizer
   state, from the shardings (the shard shapes), so memory_plan.py can add them.
 
-Imports JAX, Flax, optax and the project's model/step modules only.
+Imports JAX, Flax, optax and the project's model/step modules only; the bench
+configuration's model, optimizer and formula FLOPs are built here (train_step.py,
+memory_plan.py use them).
 """
+import time
 from typing import Any, Dict, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import flops as flops_lib
+from hyperprompt_t5x import optim, partitioning
+from hyperprompt_t5x.model import models, network
+from hyperprompt_t5x.run import train_state
+
+
+def model_config(cfg):
+  """The network's T5Config for one bench configuration."""
+  overrides = dict(method=cfg.method, num_tasks=cfg.num_tasks, dtype=cfg.dtype,
+                   dropout_rate=cfg.dropout_rate, attention_impl=cfg.attention_impl,
+                   remat_policy=cfg.remat_policy)
+  if cfg.attention_dropout_rate is not None:
+    overrides['attention_dropout_rate'] = cfg.attention_dropout_rate
+  if cfg.embedding_lookup is not None:
+    overrides['embedding_lookup'] = cfg.embedding_lookup
+  if cfg.prompt_length is not None:
+    overrides['prompt_length'] = cfg.prompt_length
+  if cfg.num_layers is not None:
+    overrides.update(num_encoder_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers)
+  return network.T5Config.from_size(cfg.size, **overrides)
+
+
+def formula_flops(cfg, config) -> int:
+  """Model FLOPs of one train step by bench/flops.py (frozen weights: no weight gradients)."""
+  return flops_lib.method_train_flops(
+      flops_lib.Dims.from_config(config), cfg.method, batch=cfg.batch,
+      inputs_len=cfg.inputs_len, targets_len=cfg.targets_len,
+      prompt_length=int(getattr(config, 'prompt_length', 0) or 0),
+      backbone_trained=(cfg.freeze == 'all'),
+      prompt_encoder=bool(getattr(config, 'prompt_encoder', True)),
+      prompt_decoder=bool(getattr(config, 'prompt_decoder', True)))['total']
+
+
+def model_and_optimizer(cfg):
+  """(config, model, optimizer, logical rules), built as the trainer builds them."""
+  config = model_config(cfg)
+  model = models.EncoderDecoderModel(config)
+  schedule = optim.make_schedule('constant', cfg.learning_rate)
+  abstract_params = flax.core.unfreeze(
+      model.init_abstract(1, cfg.inputs_len, cfg.targets_len)['params'])
+  optimizer = optim.make_optimizer(
+      cfg.optimizer, schedule, params=abstract_params, freeze=cfg.freeze,
+      param_axes=model.logical_axes(cfg.inputs_len, cfg.targets_len),
+      weight_decay=cfg.weight_decay)
+  return config, model, optimizer, partitioning.standard_logical_axis_rules()
 
 
 def _shard_bytes(tree, shardings) -> int:
   """Bytes of one device's shards of `tree` (ShapeDtypeStructs) under `shardings`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   total = 0
   for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
     total += int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
@@ -37,13 +89,8 @@ def _shard_bytes(tree, shardings) -> int:
 
 def build_abstract(cfg, mesh, activation_rules=None):
   """(model config, abstract sharded state, abstract batch, key, step) for BenchConfig `cfg`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
-  from bench import train_step as bench_step  # pylint: disable=g-import-not-at-top
 
-  config, model, optimizer, rules = bench_step.model_and_optimizer(cfg)
+  config, model, optimizer, rules = model_and_optimizer(cfg)
   abstract, shardings = train_state.state_shardings_for(
       model, optimizer, mesh, rules, cfg.inputs_len, cfg.targets_len)
   state = train_state.abstract_with_shardings(abstract, shardings)
@@ -89,9 +136,6 @@ def state_bytes(cfg, mesh) -> Dict[str, int]:
 def analyze(cfg, mesh=None, activation_rules=None) -> Dict[str, Any]:
   """Compiles the train step of BenchConfig `cfg` on `mesh` (default: all devices, data
   parallel) from abstract inputs; returns FLOPs, memory and the formula's FLOPs."""
-  import time  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
-  from bench import train_step as bench_step  # pylint: disable=g-import-not-at-top
   mesh = partitioning.make_mesh(1) if mesh is None else mesh
   config, (state, shardings), batch, key, step = build_abstract(cfg, mesh, activation_rules)
   t0 = time.perf_counter()
@@ -100,7 +144,7 @@ def analyze(cfg, mesh=None, activation_rules=None) -> Dict[str, Any]:
   report['compile_s'] = time.perf_counter() - t0
   report['param_bytes_per_device'] = _shard_bytes(state.params, shardings.params)
   report['opt_state_bytes_per_device'] = _shard_bytes(state.opt_state, shardings.opt_state)
-  model_flops = bench_step.formula_flops(cfg, config)
+  model_flops = formula_flops(cfg, config)
   report['model_flops_per_step'] = model_flops
   report['xla_flops_ratio'] = report['xla_flops'] / model_flops
   return report

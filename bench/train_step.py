@@ -38,11 +38,13 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:  # run as a script from a bare checkout (the GPU machine)
+if str(_REPO) not in sys.path:  # run as a script from a bare checkout
   sys.path.insert(0, str(_REPO))
 
 from bench import flops as flops_lib  # noqa: E402
 from bench import step_analysis  # noqa: E402
+from hyperprompt_t5x import optim, partitioning  # noqa: E402
+from hyperprompt_t5x.run import train_state  # noqa: E402
 
 SIZES = ('tiny', 'small', 'base', 'large', 'xl', 'xxl')
 METHODS = flops_lib.ALL_METHODS
@@ -142,58 +144,11 @@ def _count(tree) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
-def model_config(cfg: BenchConfig):
-  """The network's T5Config for one bench configuration."""
-  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
-  overrides = dict(method=cfg.method, num_tasks=cfg.num_tasks, dtype=cfg.dtype,
-                   dropout_rate=cfg.dropout_rate, attention_impl=cfg.attention_impl,
-                   remat_policy=cfg.remat_policy)
-  if cfg.attention_dropout_rate is not None:
-    overrides['attention_dropout_rate'] = cfg.attention_dropout_rate
-  if cfg.embedding_lookup is not None:
-    overrides['embedding_lookup'] = cfg.embedding_lookup
-  if cfg.prompt_length is not None:
-    overrides['prompt_length'] = cfg.prompt_length
-  if cfg.num_layers is not None:
-    overrides.update(num_encoder_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers)
-  return network.T5Config.from_size(cfg.size, **overrides)
-
-
-def formula_flops(cfg: BenchConfig, config) -> int:
-  """Model FLOPs of one train step by bench/flops.py (frozen weights: no weight gradients)."""
-  return flops_lib.method_train_flops(
-      flops_lib.Dims.from_config(config), cfg.method, batch=cfg.batch,
-      inputs_len=cfg.inputs_len, targets_len=cfg.targets_len,
-      prompt_length=int(getattr(config, 'prompt_length', 0) or 0),
-      backbone_trained=(cfg.freeze == 'all'),
-      prompt_encoder=bool(getattr(config, 'prompt_encoder', True)),
-      prompt_decoder=bool(getattr(config, 'prompt_decoder', True)))['total']
-
-
-def model_and_optimizer(cfg: BenchConfig):
-  """(config, model, optimizer, logical rules), built as the trainer builds them."""
-  import flax  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.model import models  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import optim, partitioning  # pylint: disable=g-import-not-at-top
-  config = model_config(cfg)
-  model = models.EncoderDecoderModel(config)
-  schedule = optim.make_schedule('constant', cfg.learning_rate)
-  abstract_params = flax.core.unfreeze(
-      model.init_abstract(1, cfg.inputs_len, cfg.targets_len)['params'])
-  optimizer = optim.make_optimizer(
-      cfg.optimizer, schedule, params=abstract_params, freeze=cfg.freeze,
-      param_axes=model.logical_axes(cfg.inputs_len, cfg.targets_len),
-      weight_decay=cfg.weight_decay)
-  return config, model, optimizer, partitioning.standard_logical_axis_rules()
-
-
 def build(cfg: BenchConfig):
   """Builds (config, mesh, state, step_fn) with the project's own code, as the trainer does."""
   import jax  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x.run import train_state  # pylint: disable=g-import-not-at-top
 
-  config, model, optimizer, rules = model_and_optimizer(cfg)
+  config, model, optimizer, rules = step_analysis.model_and_optimizer(cfg)
   mesh = partitioning.make_mesh(1)
   # Parameters are initialised from an 'unsafe_rbg' key: their values do not matter
   # here, and XLA:CPU compiles a threefry init of the whole tree several times slower
@@ -212,7 +167,6 @@ class Runner:
     """Builds the state and step, places the batches and keys, compiles, warms up."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from hyperprompt_t5x import optim, partitioning  # pylint: disable=g-import-not-at-top
     self.cfg = cfg
     self.config, mesh, self.state, self.step_fn = build(cfg)
     np_rng = np.random.default_rng(cfg.seed)
@@ -262,7 +216,7 @@ class Runner:
     cfg, config = self.cfg, self.config
     peak, peak_source = _peak_memory()
     prompt_length = int(getattr(config, 'prompt_length', 0) or 0)
-    flops = formula_flops(cfg, config)
+    flops = step_analysis.formula_flops(cfg, config)
     median_s = percentile(self.times, 50)
     return {
         'impl': 'hyperprompt_t5x (jax)', 'size': cfg.size, 'method': cfg.method,
@@ -421,7 +375,7 @@ def summarize(out_dir) -> str:
   return '\n'.join(lines)
 
 
-def _csv(kind, choices=None):
+def csv_list(kind, choices=None):
   def parse(text):
     items = [kind(x) for x in text.split(',') if x]
     if not items:
@@ -436,17 +390,17 @@ def _csv(kind, choices=None):
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--sizes', type=_csv(str, SIZES), default=['base'])
-  p.add_argument('--methods', type=_csv(str, METHODS), default=['none', 'global'])
-  p.add_argument('--freeze', type=_csv(str, FREEZE), default=['all'],
+  p.add_argument('--sizes', type=csv_list(str, SIZES), default=['base'])
+  p.add_argument('--methods', type=csv_list(str, METHODS), default=['none', 'global'])
+  p.add_argument('--freeze', type=csv_list(str, FREEZE), default=['all'],
                  help="'all': every parameter trained; 'conditioning': only task_conditioning")
   p.add_argument('--optimizer', choices=OPTIMIZERS, default='adamw')
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--inputs_len', type=int, default=512)
   p.add_argument('--targets_len', type=int, default=64)
   p.add_argument('--dtype', default='bfloat16', help='activation dtype; params stay float32')
-  p.add_argument('--attention_impls', type=_csv(str), default=['xla'])
-  p.add_argument('--remat_policies', type=_csv(str), default=['none'])
+  p.add_argument('--attention_impls', type=csv_list(str), default=['xla'])
+  p.add_argument('--remat_policies', type=csv_list(str), default=['none'])
   p.add_argument('--embedding_lookup', default=None, help='gather | one_hot (default: config)')
   p.add_argument('--prompt_length', type=int, default=None)
   p.add_argument('--num_tasks', type=int, default=8)

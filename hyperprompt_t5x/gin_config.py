@@ -20,8 +20,8 @@ import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
-import hyperprompt_t5x
 from hyperprompt_t5x.model.methods import METHODS
+from hyperprompt_t5x.model.network import T5Config
 
 # Names the gin files bind, and the callables behind them (module:attribute).
 _CONFIGURABLES = {
@@ -40,7 +40,7 @@ class GinConfigError(ValueError):
 
 def installed_gin_dirs() -> list[pathlib.Path]:
   """The folder that holds the shipped gin files (inside the package)."""
-  return [pathlib.Path(hyperprompt_t5x.__file__).resolve().parent / 'gin']
+  return [pathlib.Path(__file__).resolve().parent / 'gin']
 
 
 def search_paths(extra: Iterable[str] = ()) -> list[pathlib.Path]:
@@ -129,7 +129,6 @@ def _check_method() -> None:
 
 def _t5_config_factory():
   """A function with T5Config's signature: gin then validates field names."""
-  from hyperprompt_t5x.model.network import T5Config  # pylint: disable=g-import-not-at-top
 
   def make_t5_config(**fields):
     # gin files name dtypes as strings ('bfloat16'); the config holds the jnp type.

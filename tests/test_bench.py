@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from bench import flops  # noqa: E402
-from bench import train_step  # noqa: E402  (no jax at import)
+from bench import train_step  # noqa: E402
 from conftest import FAST_XLA_FLAGS  # noqa: E402
 
 # The keys both scripts must write, so one run compares side by side.

@@ -21,6 +21,7 @@ from hyperprompt_t5x.checkpoints.t5x_format import is_gcs_path
 from hyperprompt_t5x.checkpoints.t5x_format import to_plain_dict
 from hyperprompt_t5x.checkpoints.t5x_format import CheckpointError
 from hyperprompt_t5x.checkpoints.t5x_format import t5x_config_from_params
+from hyperprompt_t5x.model.network import T5Config
 
 Params = Dict[str, Any]
 # T5 1.1 relative attention: 32 buckets, max distance 128 (DESIGN.md §2).
@@ -198,7 +199,6 @@ def load_hf_t5(directory: str, **overrides):
     (both scale the decoder output by 1/sqrt(emb_dim) before the tied
     projection).
   """
-  from hyperprompt_t5x.model.network import T5Config  # pylint: disable=g-import-not-at-top
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise CheckpointError(f'{directory}: no such Hugging Face model directory.')

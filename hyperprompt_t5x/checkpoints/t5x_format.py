@@ -20,6 +20,7 @@ import numpy as np
 
 from hyperprompt_t5x.checkpoints import step_dirs
 from hyperprompt_t5x.checkpoints.errors import CheckpointError
+from hyperprompt_t5x.model.network import T5Config
 
 Params = Dict[str, Any]
 BACKBONE_KEYS = ('token_embedder', 'encoder', 'decoder')
@@ -432,7 +433,6 @@ def t5x_config_from_params(params: Mapping[str, Any], **overrides):
   from the absence of `decoder/logits_dense`. `overrides` set any other field
   (dtype, method, num_tasks, ...).
   """
-  from hyperprompt_t5x.model.network import T5Config  # pylint: disable=g-import-not-at-top
   params = to_plain_dict(params)
   if 'params' in params and 'encoder' not in params:
     params = params['params']

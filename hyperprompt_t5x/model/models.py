@@ -21,6 +21,7 @@ from flax import traverse_util
 from flax.linen import partitioning as nn_partitioning
 
 from hyperprompt_t5x.model import network
+from hyperprompt_t5x.model import decoding
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -182,7 +183,6 @@ class EncoderDecoderModel:
   def predict_batch(self, params, batch: Batch,
                     max_decode_length: Optional[int] = None) -> Array:
     """Greedy cached decoding: int32 [batch, max_decode_length] (EOS = 1, then 0s)."""
-    from hyperprompt_t5x.model import decoding  # Imported lazily: only prediction needs it.
     if max_decode_length is None:
       if 'decoder_target_tokens' not in batch:
         raise ValueError('predict_batch needs max_decode_length or decoder_target_tokens '
