@@ -15,7 +15,7 @@ import tensorstore as ts
 from hyperprompt_t5x.checkpoints import pretrained
 from hyperprompt_t5x.checkpoints.pretrained import CheckpointError
 
-# What DESIGN.md §2 documents for the real fixture.
+# The real fixture, by the parameter tree of docs/METHODS.md.
 TINY = dict(vocab_size=32128, emb_dim=8, num_heads=4, head_dim=3,
             num_encoder_layers=2, num_decoder_layers=2, mlp_dim=16)
 

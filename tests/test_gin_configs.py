@@ -6,7 +6,7 @@ import pytest
 from hyperprompt_t5x import gin_config
 from hyperprompt_t5x.model.methods import METHODS
 
-# T5 1.1 shapes (DESIGN.md §2; T5X's t5_1_1/*.gin): emb, heads, enc/dec layers, head_dim, mlp.
+# T5 1.1 shapes (docs/METHODS.md, Parameter tree; T5X's t5_1_1/*.gin): emb, heads, enc/dec layers, head_dim, mlp.
 T5_1_1 = {
     'small': (512, 6, 8, 64, 1024),
     'base': (768, 12, 12, 64, 2048),

@@ -22,7 +22,7 @@ def _flat(tree):
 
 
 def _expected_t5x_tree(v, d, h, k, f, n_enc, n_dec):
-  """DESIGN.md §2's table: name -> (shape, logical axes)."""
+  """The parameter tree of docs/METHODS.md: name -> (shape, logical axes)."""
   att = lambda prefix: {
       f'{prefix}/query/kernel': ((d, h * k), ('embed', 'joined_kv')),
       f'{prefix}/key/kernel': ((d, h * k), ('embed', 'joined_kv')),

@@ -1,4 +1,4 @@
-"""Parameter counts of the (abstract) init agree with DESIGN.md's closed forms.
+"""Parameter counts of the (abstract) init agree with docs/METHODS.md's closed forms.
 
 The counts of a real, materialised init are checked against the same closed
 forms in test_conditioning.py's prompt-norm test (it already pays for a
@@ -28,7 +28,7 @@ FLAG_COMBOS = [
 
 
 def _design_form(cfg):
-  """DESIGN.md's closed forms verbatim (no biases, d_kv == d)."""
+  """docs/METHODS.md's closed forms verbatim (no biases, d_kv == d)."""
   big_t, l, d, b = cfg.num_tasks, cfg.prompt_length, cfg.emb_dim, cfg.bottleneck
   m = (cfg.num_encoder_layers * cfg.prompt_encoder + cfg.num_decoder_layers *
        (cfg.prompt_decoder + cfg.prompt_cross_attention))
@@ -40,7 +40,7 @@ def _design_form(cfg):
 
 
 def _backbone(cfg):
-  """T5X backbone size from DESIGN.md §2's table."""
+  """T5X backbone size from docs/METHODS.md, Parameter tree's table."""
   d, hk, f, v = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
   attn, mlp = 4 * d * hk, 3 * d * f
   enc = cfg.num_encoder_layers * (2 * d + attn + mlp)

@@ -25,7 +25,7 @@ from bench.kill_harness import demo_args  # noqa: E402  (the demo's train comman
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
-# The real T5X checkpoint's shapes (DESIGN.md §2; tests/conftest.py).
+# The real T5X checkpoint's shapes (docs/METHODS.md, Parameter tree; tests/conftest.py).
 T5X_TINY = ['T5Config.vocab_size = 32128', 'T5Config.emb_dim = 8', 'T5Config.num_heads = 4',
             'T5Config.head_dim = 3', 'T5Config.num_encoder_layers = 2',
             'T5Config.num_decoder_layers = 2', 'T5Config.mlp_dim = 16']

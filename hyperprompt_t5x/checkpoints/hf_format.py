@@ -24,7 +24,7 @@ from hyperprompt_t5x.checkpoints.t5x_format import t5x_config_from_params
 from hyperprompt_t5x.model.network import T5Config
 
 Params = Dict[str, Any]
-# T5 1.1 relative attention: 32 buckets, max distance 128 (DESIGN.md §2).
+# T5 1.1 relative attention: 32 buckets, max distance 128 (docs/METHODS.md, Parameter tree).
 _RELPOS_BUCKETS = 32
 _RELPOS_MAX_DISTANCE = 128
 _HF_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json')
@@ -122,7 +122,7 @@ def _scale(get, name: str) -> Params:
 def hf_t5_to_t5x(tensors: Mapping[str, np.ndarray], num_encoder_layers: int,
                  num_decoder_layers: int, tie_word_embeddings: bool,
                  source: str = '<hf>') -> Params:
-  """Maps Hugging Face T5 tensor names onto the T5X tree (DESIGN.md §2).
+  """Maps Hugging Face T5 tensor names onto the T5X tree (docs/METHODS.md, Parameter tree).
 
   HF keeps the relative position table only in block 0 of each stack
   ([32, H]); T5X shares one [H, 32] table per stack. HF T5, like T5X, applies

@@ -1,15 +1,15 @@
 """Pretrained T5 1.1 weights into the T5X parameter tree (public entry).
 
-Readers and one merge, all producing / consuming the backbone tree of
-DESIGN.md §2 (`token_embedder`, `encoder`, `decoder`) as nested dicts of
-float32 numpy arrays:
+Readers and one merge, all producing / consuming the backbone of the parameter
+tree of docs/METHODS.md (`token_embedder`, `encoder`, `decoder`) as nested dicts
+of float32 numpy arrays:
 
-* `load_t5x_params(path)` (t5x_checkpoint.py): a T5X checkpoint, i.e. the
+* `load_t5x_params(path)` (t5x_format.py): a T5X checkpoint, i.e. the
   msgpack file `checkpoint_N/checkpoint` whose small arrays are inline and
   whose large ones are TensorStore zarr specs relative to the checkpoint
   directory (local or `gs://`); also orbax PyTree checkpoints (newer T5X, this
   project's trainer).
-* `load_hf_t5(directory)` (hf_checkpoint.py): a Hugging Face
+* `load_hf_t5(directory)` (hf_format.py): a Hugging Face
   `T5ForConditionalGeneration` directory (config.json + safetensors, single
   file or sharded).
 * `merge_backbone(fresh, pretrained)`: backbone from the checkpoint, every

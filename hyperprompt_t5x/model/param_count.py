@@ -1,4 +1,4 @@
-"""Parameter accounting: counts from the abstract init, and DESIGN.md's closed forms.
+"""Parameter accounting: counts from the abstract init, and docs/METHODS.md's closed forms.
 
 Symbols: T = num_tasks, l = prompt_length, d = emb_dim, d_kv = heads*head_dim,
 b = bottleneck, t' = task_embed_dim, t = layer_task_dim, a = adapter_dim,
@@ -18,7 +18,7 @@ Closed forms of the added (task-conditioning) parameters:
                  = T·t' + (L + 4)·t' + 2·(3t'·t + t·t + 4t) + 2·(t + 1)·(2·d·a + a + 3·d)
                  (task embeddings shared; per stack: layer and position embeddings,
                  projector, its layer norm, generators of D, d_b, U, u_b, LN gain, bias)
-With d_kv = d (every T5 1.1 size but small) these are DESIGN.md's
+With d_kv = d (every T5 1.1 size but small) these are docs/METHODS.md's
 Share T·l·d + M·4·d·b, Sep T·l·d + T·M·4·d·b and
 Global T·l·d + T·t' + M·t' + |h| + 2·(2·d·b·t).
 """
