@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 

@@ -6,7 +6,7 @@ import json
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 

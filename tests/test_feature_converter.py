@@ -1,5 +1,6 @@
 """Task ids reach the batch aligned with their examples, through whole mixtures."""
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from hyperprompt_t5x import tasks  # noqa: E402
 from hyperprompt_t5x.tasks import demo  # noqa: E402
 from hyperprompt_t5x.tasks.feature_converter import TaskIdEncDecFeatureConverter  # noqa: E402
 
-FIXTURES = os.path.join(os.path.dirname(__file__), 'data_fixtures')
+FIXTURES = str(next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
+               / 'tests' / 'data_fixtures')
 BYTE = seqio.ByteVocabulary()
 
 

@@ -5,7 +5,7 @@ module."""
 import ast
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
 # Lower groups first: a module may import its own group and the groups before it.
 GROUPS = ('model', 'checkpoints', 'optim partitioning gin_config synthetic_tasks '
           'quiet_tensorflow tasks', 'run', 'evaluation', 'training', 't5x_adapter', 'cli')

@@ -21,7 +21,8 @@ from hyperprompt_t5x import optim
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x.run import train_state
 
-FIXTURE = pathlib.Path(__file__).resolve().parent / 'data_fixtures' / 'old_layout_run'
+FIXTURE = (next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
+           / 'tests' / 'data_fixtures' / 'old_layout_run')
 
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 

@@ -17,7 +17,7 @@ from hyperprompt_t5x.model import network
 from hyperprompt_t5x.training import prompt_scale
 from hyperprompt_t5x.checkpoints import t5x_format
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 

@@ -15,7 +15,8 @@ import tensorflow as tf  # noqa: E402
 
 from hyperprompt_t5x import tasks  # noqa: E402
 
-FIXTURES = pathlib.Path(__file__).parent / 'data_fixtures'
+FIXTURES = (next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
+            / 'tests' / 'data_fixtures')
 LENGTHS = {'inputs': 4096, 'targets': 32}
 
 

@@ -18,7 +18,7 @@ from hyperprompt_t5x.cli import commands
 from hyperprompt_t5x.training import divergence
 from hyperprompt_t5x.run import run_setup
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 from bench.kill_harness import demo_args  # noqa: E402  (the demo's train command line)

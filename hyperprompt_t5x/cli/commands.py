@@ -1,4 +1,4 @@
-"""`hyperprompt-t5x` (alias `t5x`): train | eval | infer | params | plot, configured like T5X.
+"""`hyperprompt-t5x` (alias `t5x`): train | eval | infer | analyze | params | plot, configured like T5X.
 
   t5x train --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
   t5x train --gin_file=hyperprompt_base.gin --gin.MODEL_DIR=gs://... \\

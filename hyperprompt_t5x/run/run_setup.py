@@ -51,6 +51,11 @@ class OptimizerSettings:
   # too (T5X's finetune.gin does), or start the optimizer fresh.
   restore_optimizer_state: bool = True
 
+  def __post_init__(self):  # gin may give ints where floats are meant (LEARNING_RATE = 1)
+    for name in ('learning_rate', 'weight_decay', 'z_loss', 'label_smoothing'):
+      object.__setattr__(self, name, float(getattr(self, name)))
+    object.__setattr__(self, 'restore_optimizer_state', bool(self.restore_optimizer_state))
+
 
 @dataclasses.dataclass
 class Plan:

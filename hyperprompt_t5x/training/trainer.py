@@ -51,8 +51,9 @@ from hyperprompt_t5x.training import (checkpoint_saving, divergence, model_dir_l
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything a training run is given, built by gin from the `train.*` bindings
-  (gin/runs/finetune.gin: `train.<field> = %MACRO`); see `train` for the meanings."""
+  """Everything a training run is given; see `train` for the meanings. gin builds it
+  from the `train.<field> = %MACRO` bindings (gin/runs/finetune.gin), where the
+  optimizer's fields (OPTIMIZER, LEARNING_RATE, FREEZE, ...) are bound flat."""
   model_dir: str
   model_config: Any
   mixture_or_task_name: str
@@ -67,15 +68,7 @@ class TrainConfig:
   eval_batch_size: Optional[int] = None
   eval_max_examples: Optional[int] = None
   log_period: int = 100
-  optimizer: str = 'adafactor'
-  learning_rate: float = 1e-3
-  lr_schedule: str = 'constant'
-  warmup_steps: int = 0
-  freeze: str = 'all'
-  weight_decay: float = 0.0
-  z_loss: float = 1e-4
-  label_smoothing: float = 0.0
-  restore_optimizer_state: bool = True
+  settings: run_setup.OptimizerSettings = run_setup.OptimizerSettings()
   calibrate_prompt_scale: bool = True
   num_partitions: int = 1
   seed: int = 0
@@ -118,10 +111,7 @@ def train(config: TrainConfig) -> dict:
   run_setup.require('log_period', c.log_period, int, positive=True)
   run_setup.require('calibrate_prompt_scale', c.calibrate_prompt_scale, bool)
   lengths = run_setup.validate_feature_lengths(c.task_feature_lengths)
-  settings = run_setup.OptimizerSettings(
-      c.optimizer, float(c.learning_rate), c.lr_schedule, c.warmup_steps, c.freeze,
-      float(c.weight_decay), float(c.z_loss), float(c.label_smoothing),
-      bool(c.restore_optimizer_state))
+  settings = c.settings
   t0 = time.perf_counter()
   previous_prng = jax.config.jax_default_prng_impl
   if c.use_hardware_rng:
@@ -133,11 +123,17 @@ def train(config: TrainConfig) -> dict:
 
 
 def train_from_bindings(**fields) -> dict:
-  """gin's `train` configurable: the `train.<field>` bindings become one TrainConfig."""
-  return train(TrainConfig(**fields))
+  """gin's `train` configurable: the `train.<field>` bindings become one TrainConfig
+  (the optimizer's fields its OptimizerSettings)."""
+  names = {f.name for f in dataclasses.fields(run_setup.OptimizerSettings)}
+  settings = run_setup.OptimizerSettings(**{k: fields.pop(k) for k in list(fields)
+                                            if k in names})
+  return train(TrainConfig(settings=settings, **fields))
 
 
-train_from_bindings.__signature__ = inspect.signature(TrainConfig)
+train_from_bindings.__signature__ = inspect.Signature(
+    [p for name, p in inspect.signature(TrainConfig).parameters.items() if name != 'settings']
+    + list(inspect.signature(run_setup.OptimizerSettings).parameters.values()))
 
 
 def _finished_step(model_dir: str, train_steps: int, config) -> Optional[int]:
@@ -252,111 +248,129 @@ def _train(c: TrainConfig, lengths: dict, settings, t0: float) -> dict:
     return _train_holding_model_dir(c, lengths, settings, t0, task_names)
 
 
-def _train_holding_model_dir(c: TrainConfig, lengths: dict, settings, t0: float,
-                             task_names: list) -> dict:
-  """The body of `train` (arguments validated, MODEL_DIR held)."""
-  model_dir, model_config, train_steps = c.model_dir, c.model_config, c.train_steps
-  batch_size, eval_period = c.batch_size, c.eval_period
-  store = CheckpointStore(model_dir, keep=c.keep_checkpoints)
-  eval_batch_size = c.eval_batch_size or batch_size
-  rng = jax.random.PRNGKey(c.seed)  # dropout key: fold_in(rng, step) inside the step
-  while True:  # until the newest checkpoint restores (damaged ones are moved aside)
+def _restore_or_start(c: TrainConfig, lengths: dict, settings, task_names: list, store,
+                      rng) -> tuple:
+  """(run, inputs, step_fn) from the newest usable checkpoint (damaged ones are moved
+  aside), else from INITIAL_CHECKPOINT_PATH or a fresh initialisation."""
+  while True:
     resume_step = store.latest_step()
+    describe = lambda plan, start=resume_step: log(run_summary.describe(
+        plan, c.model_config, freeze=settings.freeze, mixture=c.mixture_or_task_name,
+        task_names=task_names, batch_size=c.batch_size, lengths=lengths,
+        train_steps=c.train_steps, start_step=start, model_dir=c.model_dir))
     try:
-      run, inputs, step_fn = _set_up(
-          model_dir=model_dir, model_config=model_config,
+      return _set_up(
+          model_dir=c.model_dir, model_config=c.model_config,
           mixture_or_task_name=c.mixture_or_task_name, lengths=lengths, settings=settings,
-          store=store, resume_step=resume_step, batch_size=batch_size, seed=c.seed,
+          store=store, resume_step=resume_step, batch_size=c.batch_size, seed=c.seed,
           shuffle=c.shuffle, num_partitions=c.num_partitions,
           initial_checkpoint_path=c.initial_checkpoint_path,
-          eval_split=c.eval_split if eval_period is not None else None,
-          eval_batch_size=eval_batch_size, eval_max_examples=c.eval_max_examples, rng=rng,
-          on_plan=lambda plan: log(run_summary.describe(
-              plan, model_config, freeze=settings.freeze, mixture=c.mixture_or_task_name,
-              task_names=task_names, batch_size=batch_size, lengths=lengths,
-              train_steps=train_steps, start_step=resume_step, model_dir=model_dir)))
-      break
+          eval_split=c.eval_split if c.eval_period is not None else None,
+          eval_batch_size=c.eval_batch_size or c.batch_size,
+          eval_max_examples=c.eval_max_examples, rng=rng, on_plan=describe)
     except CheckpointCorruptError as e:
       if resume_step is None:
         raise
       checkpoint_saving.set_aside(store, resume_step, e)
+
+
+def _train_holding_model_dir(c: TrainConfig, lengths: dict, settings, t0: float,
+                             task_names: list) -> dict:
+  """The body of `train` (arguments validated, MODEL_DIR held)."""
+  rng = jax.random.PRNGKey(c.seed)  # dropout key: fold_in(rng, step) inside the step
+  store = CheckpointStore(c.model_dir, keep=c.keep_checkpoints)
+  run, inputs, step_fn = _restore_or_start(c, lengths, settings, task_names, store, rng)
   start = run.start_step
   log(f'Starting at step {start} from {run.restored_from}')
   validation = None
-  if eval_period is not None:
+  if c.eval_period is not None:
     validation = evaluator.Evaluator(
-        run, c.mixture_or_task_name, lengths, split=c.eval_split, batch_size=eval_batch_size,
-        max_examples=c.eval_max_examples, model_dir=model_dir, sets=inputs.eval_sets)
+        run, c.mixture_or_task_name, lengths, split=c.eval_split,
+        batch_size=c.eval_batch_size or c.batch_size, max_examples=c.eval_max_examples,
+        model_dir=c.model_dir, sets=inputs.eval_sets)
   # Nothing has been written so far; from here on MODEL_DIR is ours.
-  model_dir_files.save_config_files(model_dir, model_config, c.config_str, start)
-  logger = metrics_logging.MetricsLogger(model_dir, tensorboard=c.tensorboard,
+  model_dir_files.save_config_files(c.model_dir, c.model_config, c.config_str, start)
+  logger = metrics_logging.MetricsLogger(c.model_dir, tensorboard=c.tensorboard,
                                          is_chief=is_chief())
-  saver = checkpoint_saving.CheckpointSaver(run.store, model_dir, model_config, batch_size)
-  pending = metrics_logging.PendingMetrics()
   train_log = metrics_logging.TrainLog(
-      logger, schedule=run.schedule, start_step=start, total_steps=train_steps,
-      tokens_per_step=batch_size * (lengths['inputs'] + lengths['targets']),
-      periods={'save': c.save_period, 'eval': eval_period})
-  state = run.state
-  seconds_to_first_step = None
+      logger, schedule=run.schedule, start_step=start, total_steps=c.train_steps,
+      tokens_per_step=c.batch_size * (lengths['inputs'] + lengths['targets']),
+      periods={'save': c.save_period, 'eval': c.eval_period})
   if validation is not None and evaluator.eval_missing(
-      logger, validation, start, eval_period, train_steps):
-    validation.run(state.params, start, logger)  # killed after the save, before this eval
+      logger, validation, start, c.eval_period, c.train_steps):
+    validation.run(run.state.params, start, logger)  # killed after the save, before this eval
+  saver = checkpoint_saving.CheckpointSaver(run.store, c.model_dir, c.model_config,
+                                            c.batch_size)
   with preemption.StopRequest() as stop:
     try:
-      for step in range(start, train_steps):
-        batch = next(inputs.batches)
-        network.check_task_ids(batch['task_ids'], model_config.num_tasks)
-        if step == 0 and c.initial_checkpoint_path:
-          state = _calibrate_prompt_scale(model_config, state, batch, run.mesh,
-                                          c.calibrate_prompt_scale)
-        state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
-        pending.add(step, metrics)
-        done = step + 1
-        if seconds_to_first_step is None:
-          jax.block_until_ready(metrics)
-          seconds_to_first_step = time.perf_counter() - t0
-        is_last = done == train_steps
-        signum = stop.requested()  # SIGTERM / SIGINT: this step is finished; save it, stop
-        save_now = done % c.save_period == 0 or is_last or bool(signum)
-        eval_now = validation is not None and ((eval_period and done % eval_period == 0)
-                                              or is_last)
-        if done % c.log_period == 0 or save_now or is_last or (
-            eval_period and done % eval_period == 0):
-          fetched = pending.fetch()
-          divergence.check_losses(fetched, saver.last_good, model_dir)
-          train_log.record(done, fetched)
-        if save_now:
-          jax.block_until_ready(state)  # the step's own time stays in the training window
-          t = time.perf_counter()
-          saver.save(done, state)
-          train_log.pause('save', time.perf_counter() - t)
-          log(f'saved {step_dirs.name(done)} ({time.perf_counter() - t:.1f} s)')
-        if eval_now:
-          jax.block_until_ready(state)
-          t = time.perf_counter()
-          validation.run(state.params, done, logger)
-          train_log.pause('eval', time.perf_counter() - t)
-        if signum:
-          raise preemption.TrainingInterrupted(signum, done)
-      if start >= train_steps:
-        log(f'Nothing to do: MODEL_DIR is already at step {start} >= TRAIN_STEPS {train_steps}')
+      first_step_s = _steps(c, run, inputs.batches, step_fn, rng, saver, validation, logger,
+                            train_log, t0, stop)
     finally:
       saver.wait()
       logger.close()
-  summary = {'model_dir': model_dir, 'start_step': start,
-             'final_step': max(start, train_steps),
+  return _finish(c, start, t0, first_step_s, train_log, validation)
+
+
+def _steps(c: TrainConfig, run, batches, step_fn, rng, saver, validation, logger,
+           train_log, t0: float, stop) -> Optional[float]:
+  """Trains from run.start_step to TRAIN_STEPS: log, save and evaluate on their periods,
+  stop after a step on SIGTERM / SIGINT. Returns the seconds to the first step."""
+  state, eval_period, first_step_s = run.state, c.eval_period, None
+  pending = metrics_logging.PendingMetrics()
+  for step in range(run.start_step, c.train_steps):
+    batch = next(batches)
+    network.check_task_ids(batch['task_ids'], c.model_config.num_tasks)
+    if step == 0 and c.initial_checkpoint_path:
+      state = _calibrate_prompt_scale(c.model_config, state, batch, run.mesh,
+                                      c.calibrate_prompt_scale)
+    state, metrics = step_fn(state, partitioning.shard_batch(batch, run.mesh), rng)
+    pending.add(step, metrics)
+    done = step + 1
+    if first_step_s is None:
+      jax.block_until_ready(metrics)
+      first_step_s = time.perf_counter() - t0
+    is_last = done == c.train_steps
+    signum = stop.requested()  # SIGTERM / SIGINT: this step is finished; save it, stop
+    save_now = done % c.save_period == 0 or is_last or bool(signum)
+    eval_due = bool(eval_period and done % eval_period == 0)
+    if done % c.log_period == 0 or save_now or is_last or eval_due:
+      fetched = pending.fetch()
+      divergence.check_losses(fetched, saver.last_good, c.model_dir)
+      train_log.record(done, fetched)
+    if save_now:
+      jax.block_until_ready(state)  # the step's own time stays in the training window
+      t = time.perf_counter()
+      saver.save(done, state)
+      train_log.pause('save', time.perf_counter() - t)
+      log(f'saved {step_dirs.name(done)} ({time.perf_counter() - t:.1f} s)')
+    if validation is not None and (eval_due or is_last):
+      jax.block_until_ready(state)
+      t = time.perf_counter()
+      validation.run(state.params, done, logger)
+      train_log.pause('eval', time.perf_counter() - t)
+    if signum:
+      raise preemption.TrainingInterrupted(signum, done)
+  if run.start_step >= c.train_steps:
+    log(f'Nothing to do: MODEL_DIR is already at step {run.start_step} >= TRAIN_STEPS '
+        f'{c.train_steps}')
+  return first_step_s
+
+
+def _finish(c: TrainConfig, start: int, t0: float, first_step_s: Optional[float],
+            train_log, validation) -> dict:
+  """The summary dict, the best-per-task table, the plots and the closing line."""
+  summary = {'model_dir': c.model_dir, 'start_step': start,
+             'final_step': max(start, c.train_steps),
              'seconds': time.perf_counter() - t0,
-             'seconds_to_first_step': seconds_to_first_step}
+             'seconds_to_first_step': first_step_s}
   if train_log.loss is not None:
     summary['loss'] = train_log.loss
   if validation is not None and validation.last is not None:
     summary['eval'] = validation.last
     if is_chief():
       print(evaluator.format_table(validation.last, validation.best), flush=True)
-  _draw_plots(model_dir)
-  first = (f', first step after {seconds_to_first_step:.1f} s'
-           if seconds_to_first_step is not None else '')
+  _draw_plots(c.model_dir)
+  first = f', first step after {first_step_s:.1f} s' if first_step_s is not None else ''
   log(f'Done: step {summary["final_step"]} in {summary["seconds"]:.1f} s{first}; '
-      f'checkpoints and metrics in {model_dir}')
+      f'checkpoints and metrics in {c.model_dir}')
   return summary
