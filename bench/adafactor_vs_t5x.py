@@ -186,7 +186,7 @@ def main(argv=None):
   print(f'{args.steps} steps each on its own: max |param diff| / max |T5X total update| '
         f'{summary["max_trajectory_rel_diff"]:.3g}')
   k = summary['old_setting_update_rms_over_t5x_backbone_kernels_step1']
-  print(f'before the fix (no parameter scale): update RMS / T5X update RMS on backbone '
+  print(f'without the parameter scale: update RMS / T5X update RMS on backbone '
         f'kernels at step 1: median {k["median"]:.1f}x (min {k["min"]:.1f}, max {k["max"]:.1f})')
   print(f'{summary["seconds"]:.0f} s')
   if args.out:

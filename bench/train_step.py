@@ -22,7 +22,7 @@ compile time, and the overhead of each method against 'none' with the same
 other settings in the same run.
 
 Imports JAX, Flax, optax and the project's model/step modules only: no gin,
-seqio or TensorFlow (the GPU machine has none of them).
+seqio or TensorFlow (a GPU host needs none of them).
 """
 import argparse
 import dataclasses

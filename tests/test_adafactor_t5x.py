@@ -164,7 +164,7 @@ def test_default_adafactor_follows_t5x_over_steps(t5x_run):
 
 
 def test_without_parameter_scale_the_update_differs_from_t5x(t5x_run):
-  """The check can fail: the old setting (no parameter scale) is far from T5X."""
+  """The check can fail: without the parameter scale the update is far from T5X's."""
   p0 = _params()
   (ours, _), = _run_ours(p0, multiply_by_parameter_scale=False)[:1]
   theirs, _ = t5x_run[0]

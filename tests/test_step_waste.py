@@ -58,7 +58,7 @@ def test_fused_attention_keeps_bf16_operands_and_equals_xla():
 def _old_layout_forward(cfg):
   """Logits with every block's prompts gathered per example before the encoder runs.
 
-  That was the former layout ([blocks, batch, l, heads, kv]); here each example
+  The up-front layout ([blocks, batch, l, heads, kv]) as a reference; here each example
   becomes its own 'task' (task ids 0..batch-1) so the per-layer gather is the identity.
   """
   def forward(module, enc, dec_in, tgt, ids):
