@@ -20,7 +20,7 @@ module (the gin files do) makes bad input under T5X's entry points one
 fit the model.
 
 This is the only module that imports t5x; nothing else in the package imports
-it (tests/test_t5x_model.py checks), so the rest works without T5X.
+it (tests/t5x_adapter/test_t5x_model.py checks), so the rest works without T5X.
 """
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def test_state_of_another_factoring_is_one_clear_error():
   assert same is state and not restored
 
 
-# The real T5X checkpoint's shapes (docs/METHODS.md, Parameter tree), as tests/test_trainer.py binds them.
+# The real T5X checkpoint's shapes (docs/METHODS.md, Parameter tree), as tests/training/test_trainer.py binds them.
 T5X_TINY = ['T5Config.vocab_size = 32128', 'T5Config.emb_dim = 8', 'T5Config.num_heads = 4',
             'T5Config.head_dim = 3', 'T5Config.num_encoder_layers = 2',
             'T5Config.num_decoder_layers = 2', 'T5Config.mlp_dim = 16']

@@ -5,7 +5,7 @@
   front (the former layout), for logits and gradients;
 * attention_dropout_rate=None is dropout_rate (T5X); with it 0 the fused
   attention trains with dropout elsewhere and equals the 'xla' path.
-(The decode cache with prompt columns: tests/test_decoding.py.)
+(The decode cache with prompt columns: tests/model/test_decoding.py.)
 """
 import functools
 import re

@@ -92,7 +92,7 @@ def _parse_ratios(text):
 def restored_runs(tmp_path_factory, t5x_tiny_checkpoint, compilation_cache):
   """{rescale: (ratio lines, checkpoint_1 params)}: 1 demo step from the real T5X checkpoint,
   HyperPrompt-Share, FREEZE='prompts' (the generators U stay as step 0 left them). Global's
-  step 0 runs under T5X in tests/test_t5x_runs.py (the same prompt_scale.calibrate_first_batch)."""
+  step 0 runs under T5X in tests/t5x_adapter/test_t5x_runs.py (the same prompt_scale.calibrate_first_batch)."""
   del compilation_cache  # the second run reuses the first's compiled programs
   from bench.kill_harness import demo_args
   cfg = t5x_format.t5x_config_from_params(
