@@ -18,7 +18,7 @@ import numpy as np
 
 from hyperprompt_t5x.checkpoints.t5x_format import to_float32
 from hyperprompt_t5x.checkpoints.t5x_format import is_gcs_path
-from hyperprompt_t5x.checkpoints.t5x_format import to_plain_dict
+from hyperprompt_t5x.checkpoints.trees import to_plain_dict
 from hyperprompt_t5x.checkpoints.errors import CheckpointError
 from hyperprompt_t5x.checkpoints.t5x_format import t5x_config_from_params
 from hyperprompt_t5x.model.network import T5Config

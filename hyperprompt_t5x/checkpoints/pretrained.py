@@ -35,17 +35,17 @@ from hyperprompt_t5x.checkpoints import tree_check
 from hyperprompt_t5x.checkpoints.hf_format import hf_t5_to_t5x
 from hyperprompt_t5x.checkpoints.hf_format import is_hf_t5_directory
 from hyperprompt_t5x.checkpoints.hf_format import load_hf_t5
-from hyperprompt_t5x.checkpoints.t5x_format import to_plain_dict
+from hyperprompt_t5x.checkpoints.trees import to_plain_dict
 from hyperprompt_t5x.checkpoints.t5x_format import absolute_ts_spec
 from hyperprompt_t5x.checkpoints.t5x_format import adafactor_state_from_t5x
 from hyperprompt_t5x.checkpoints.t5x_format import AdafactorCheckpointState
 from hyperprompt_t5x.checkpoints.t5x_format import BACKBONE_KEYS
 from hyperprompt_t5x.checkpoints.errors import CheckpointError
-from hyperprompt_t5x.checkpoints.t5x_format import flatten_params
+from hyperprompt_t5x.checkpoints.trees import flatten_params
 from hyperprompt_t5x.checkpoints.t5x_format import load_t5x_optimizer_state
 from hyperprompt_t5x.checkpoints.t5x_format import load_t5x_params
 from hyperprompt_t5x.checkpoints.t5x_format import t5x_config_from_params
-from hyperprompt_t5x.checkpoints.t5x_format import unflatten_params
+from hyperprompt_t5x.checkpoints.trees import unflatten_params
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x.model.network import CONDITIONING_KEY
 

@@ -7,7 +7,8 @@ extension), large ones are replaced by TensorStore zarr specs whose
 `kvstore.path` is relative to `checkpoint_N/` (file or gcs driver). This
 module reads both, locally or on `gs://`, without T5X or TensorFlow; also
 orbax checkpoints (newer T5X, this project's TrainState).
-Public names are re-exported by `hyperprompt_t5x.checkpoints.pretrained`.
+Public names are re-exported by `hyperprompt_t5x.checkpoints.pretrained`; tree helpers:
+trees.py.
 """
 import dataclasses
 import json
@@ -20,46 +21,11 @@ import numpy as np
 
 from hyperprompt_t5x.checkpoints import step_dirs
 from hyperprompt_t5x.checkpoints.errors import CheckpointError
+from hyperprompt_t5x.checkpoints.trees import flatten_params, to_plain_dict, unflatten_params
 from hyperprompt_t5x.model.network import T5Config
 
 Params = Dict[str, Any]
 BACKBONE_KEYS = ('token_embedder', 'encoder', 'decoder')
-
-
-# ----------------------------------------------------------------------------
-# Small tree helpers.
-# ----------------------------------------------------------------------------
-
-
-def to_plain_dict(tree: Any) -> Any:
-  """Nested Mapping (dict / FrozenDict) -> nested plain dict, leaves untouched."""
-  if isinstance(tree, Mapping):
-    return {k: to_plain_dict(v) for k, v in tree.items()}
-  return tree
-
-
-def flatten_params(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
-  """Nested dict -> {'encoder/layers_0/attention/query/kernel': leaf}."""
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}/{key}' if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(flatten_params(value, name))
-    else:
-      flat[name] = value
-  return flat
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> Params:
-  """Inverse of `flatten_params`."""
-  tree: Params = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def to_float32(value: Any, name: str, source: str) -> np.ndarray:
