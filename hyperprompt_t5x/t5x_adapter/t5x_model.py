@@ -53,6 +53,7 @@ from hyperprompt_t5x import optim
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x import partitioning
 from hyperprompt_t5x.training import prompt_scale
+from hyperprompt_t5x.training import train_data
 from hyperprompt_t5x.run import run_setup
 from hyperprompt_t5x.checkpoints import t5x_format
 from hyperprompt_t5x.checkpoints import t5x_run_store
@@ -62,9 +63,11 @@ PyTree = Any
 TASK_IDS = 'task_ids'
 
 
-def _feature_converter_cls():
+def _feature_converter_cls(config: network.T5Config):
+  """The tasks' converter; packed rows reserve prompt tuning's prompt positions."""
   from hyperprompt_t5x.tasks import feature_converter  # seqio + TF, like T5X itself
-  return feature_converter.TaskIdEncDecFeatureConverter
+  return functools.partial(feature_converter.TaskIdEncDecFeatureConverter,
+                           prompt_positions=train_data.prompt_positions(config))
 
 
 class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
@@ -72,7 +75,8 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
 
   Constructed like T5X's (gin: `module = @network.Transformer()`, vocabularies,
   `optimizer_def`, `decode_fn`, losses); the feature converter defaults to
-  the tasks' `TaskIdEncDecFeatureConverter` (unpacked, emits `task_ids`).
+  the tasks' `TaskIdEncDecFeatureConverter` (emits `task_ids`; with T5X's
+  `utils.DatasetConfig.pack` it packs one task per row, docs/PACKING.md).
   """
 
   def __init__(self, module: network.Transformer, *args, feature_converter_cls=None,
@@ -81,7 +85,7 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
       raise TypeError(f'HyperPromptEncoderDecoderModel needs a hyperprompt_t5x.model.network.'
                       f'Transformer module, got {type(module).__name__}')
     super().__init__(module, *args,
-                     feature_converter_cls=feature_converter_cls or _feature_converter_cls(),
+                     feature_converter_cls=feature_converter_cls or _feature_converter_cls(module.config),
                      **kwargs)
 
   @property
