@@ -1,6 +1,10 @@
 """Packed training rows (tasks/packing.py): seqio's features, one task per row, the
 mixture's proportions per example, prompt slots, and a resumable stream."""
 import collections
+import pathlib
+import re
+import signal
+import sys
 
 import numpy as np
 import pytest
@@ -9,10 +13,16 @@ seqio = pytest.importorskip('seqio')
 tf = pytest.importorskip('tensorflow')
 
 from hyperprompt_t5x import tasks  # noqa: E402
+from hyperprompt_t5x.cli import commands  # noqa: E402
 from hyperprompt_t5x.run import metrics_logging  # noqa: E402
 from hyperprompt_t5x.tasks import packing  # noqa: E402
 from hyperprompt_t5x.tasks.feature_converter import TaskIdEncDecFeatureConverter  # noqa: E402
 from hyperprompt_t5x.training import train_data  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+from bench import kill_harness  # noqa: E402
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -138,3 +148,30 @@ def test_batch_counts_examples_and_fill():
   unpacked = {'encoder_input_tokens': np.array([[3, 1, 0, 0]]),
               'decoder_target_tokens': np.array([[4, 1]])}
   np.testing.assert_array_equal(metrics_logging.batch_counts(unpacked), [1, 2, 4, 2, 2])
+
+
+PACKED_DEMO = ('--gin.PACK=True', "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 2}")
+
+
+def test_kill_9_and_rerun_trains_on_the_same_packed_examples(tmp_path, compilation_cache,
+                                                              capsys):
+  """`train` with PACK=True killed (SIGKILL) after a checkpoint, then rerun: the same
+  parameters and losses as an uninterrupted run (the resumed stream skips packed batches)."""
+  steps, save = 6, 2
+  reference = tmp_path / 'reference'
+  assert commands.main(kill_harness.demo_args(reference, *PACKED_DEMO, steps=steps,
+                                              save=save)) == 0
+  records = [r for _, r in kill_harness.metrics_by_kind(reference)['train']]
+  assert all(r['examples_per_sec'] > 0 and 0 < r['input_fill'] <= 1 for r in records)
+  model_dir = tmp_path / 'killed'
+  args = kill_harness.demo_args(model_dir, *PACKED_DEMO, steps=steps, save=save)
+  attempt = kill_harness.Attempt(args, model_dir, kill_harness.subprocess_env(compilation_cache))
+  assert attempt.wait_until(lambda: (attempt.last_step() or 0) >= 3, 600), attempt.output()
+  attempt.signal(signal.SIGKILL)
+  assert attempt.finish() == -signal.SIGKILL
+  capsys.readouterr()
+  assert commands.main(args) == 0
+  resumed = re.search(r'^Starting at step (\d+)', capsys.readouterr().out, re.M)
+  assert resumed and 2 <= int(resumed.group(1)) < steps, resumed
+  comparison = kill_harness.compare_runs(reference, model_dir, steps)
+  assert comparison['params_identical'] and comparison['problems'] == [], comparison
