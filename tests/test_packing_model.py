@@ -237,6 +237,9 @@ def test_bad_packing_features_get_one_clear_error():
                   None)
   with pytest.raises(ValueError, match='unpacked'):
     model.predict_batch(params, packed)
+  unreserved, _ = packed_batch(_examples(), ROWS, PACKED_LENGTHS)  # no prompt slots
+  with pytest.raises(ValueError, match=r'rows \[0, 1, 2, 3\] have tokens at positions'):
+    model.loss_fn(params, unreserved, None)
 
 
 def test_train_step_takes_packed_batches():
@@ -281,11 +284,14 @@ def test_t5x_model_passes_the_packing_features():
   import seqio
   from t5x import optimizers as t5x_optimizers
   from hyperprompt_t5x.t5x_adapter import t5x_model
-  config, model, params = _setup('global')
   vocab = seqio.ByteVocabulary()
-  theirs = t5x_model.HyperPromptEncoderDecoderModel(
-      network.Transformer(config), vocab, vocab, t5x_optimizers.sgd(0.1), z_loss=1e-4,
-      loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+
+  def _t5x(config):
+    return t5x_model.HyperPromptEncoderDecoderModel(
+        network.Transformer(config), vocab, vocab, t5x_optimizers.sgd(0.1), z_loss=1e-4,
+        loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+  config, _, params = _setup('global')
+  theirs = _t5x(config)
   examples = _examples()
   packed, _ = packed_batch(examples, ROWS, PACKED_LENGTHS)
   packed_t5x = dict(packed, task_ids=packed['task_ids'][:, None])
@@ -294,10 +300,11 @@ def test_t5x_model_passes_the_packing_features():
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
 
   shapes = {k: v.shape for k, v in packed.items() if k != 'task_ids'}
-  variables = jax.eval_shape(lambda rng: theirs.get_initial_variables(rng, shapes),
-                             jax.random.PRNGKey(0))
-  assert (jax.tree_util.tree_map(lambda x: x.shape, dict(variables['params'])) ==
-          jax.tree_util.tree_map(lambda x: x.shape, network.param_shapes(config)))
+  for method in ('global', 'prompt_tuning'):  # traced, as T5X inits
+    t5x_init = _t5x(_config(method)).get_initial_variables
+    variables = jax.eval_shape(lambda rng, f=t5x_init: f(rng, shapes), jax.random.PRNGKey(0))
+    assert (jax.tree_util.tree_map(lambda x: x.shape, dict(variables['params'])) ==
+            jax.tree_util.tree_map(lambda x: x.shape, network.param_shapes(_config(method))))
   with pytest.raises(ValueError, match='unpacked'):
     theirs.predict_batch_with_aux(params, packed_t5x)
 
