@@ -110,29 +110,33 @@ def _setup(method):
   return config, models.EncoderDecoderModel(config, z_loss=1e-4), network.random_params(config)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _logits(config, params, batch):
-  return network.Transformer(config).apply(
+  return _forward(config.method, params, batch)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(method, params, batch):
+  """(logits, weighted token losses, loss_fn's loss and num_tokens): one compile per shape."""
+  config, model, _ = _setup(method)
+  logits = network.Transformer(config).apply(
       {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
       batch['decoder_target_tokens'], batch['task_ids'], **models.packing_features(batch),
       enable_dropout=False)
-
-
-def _token_losses(model, logits, batch):
   total, _ = models.cross_entropy_with_z_loss(logits, batch['decoder_target_tokens'],
                                               model.z_loss)
-  return total * batch['decoder_loss_weights']
+  loss, metrics = model.loss_fn(params, batch, None)
+  return logits, total * batch['decoder_loss_weights'], loss, metrics['num_tokens']
 
 
 @pytest.mark.parametrize('method', METHODS)
 def test_packed_rows_equal_unpacked_examples(method):
-  config, model, params = _setup(method)
+  _, _, params = _setup(method)
   examples = _examples()
   slots = PROMPT_LEN if method == 'prompt_tuning' else 0
   unpacked = unpacked_batch(examples)
   packed, where = packed_batch(examples, ROWS, PACKED_LENGTHS, slots)
-  logits_u = np.asarray(_logits(config, params, unpacked))
-  logits_p = np.asarray(_logits(config, params, packed))
+  logits_u, tokens_u, loss_u, num_u = jax.device_get(_forward(method, params, unpacked))
+  logits_p, tokens_p, loss_p, num_p = jax.device_get(_forward(method, params, packed))
   for i, (_, _, y) in enumerate(examples):
     r, t = where[i]
     np.testing.assert_allclose(logits_p[r, t:t + len(y)], logits_u[i, :len(y)],
@@ -141,9 +145,8 @@ def test_packed_rows_equal_unpacked_examples(method):
   # Per-example losses: token losses summed per segment vs per unpacked row.
   num_segments = max(len(m) for m in ROWS)
   per_segment = np.asarray(models.sum_per_segment(
-      _token_losses(model, jnp.asarray(logits_p), packed), packed['decoder_segment_ids'],
-      num_segments))
-  per_row = np.asarray(jnp.sum(_token_losses(model, jnp.asarray(logits_u), unpacked), -1))
+      jnp.asarray(tokens_p), packed['decoder_segment_ids'], num_segments))
+  per_row = tokens_u.sum(-1)
   for i in range(len(examples)):
     r, _ = where[i]
     s = ROWS[r].index(i)
@@ -151,10 +154,8 @@ def test_packed_rows_equal_unpacked_examples(method):
                                err_msg=f'{method}: example {i}')
 
   # The batch loss (weighted token mean) and token count through the model's loss_fn.
-  loss_u, metrics_u = model.loss_fn(params, unpacked, None)
-  loss_p, metrics_p = model.loss_fn(params, packed, None)
-  assert float(metrics_p['num_tokens']) == float(metrics_u['num_tokens'])
-  np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
+  assert num_p == num_u == sum(len(y) for _, _, y in examples)
+  np.testing.assert_allclose(loss_p, loss_u, rtol=1e-5)
 
 
 @pytest.mark.parametrize('method', ('global', 'prompt_tuning'))
@@ -236,3 +237,93 @@ def test_bad_packing_features_get_one_clear_error():
                   None)
   with pytest.raises(ValueError, match='unpacked'):
     model.predict_batch(params, packed)
+  unreserved, _ = packed_batch(_examples(), ROWS, PACKED_LENGTHS)  # no prompt slots
+  with pytest.raises(ValueError, match=r'rows \[0, 1, 2, 3\] have tokens at positions'):
+    model.loss_fn(params, unreserved, None)
+
+
+def test_train_step_takes_packed_batches():
+  """One SGD step on the packed batch moves the parameters as on the unpacked one (same
+  tokens, same weighted mean); the ahead-of-time batch_spec describes the packed batch."""
+  import optax
+  from hyperprompt_t5x import partitioning
+  from hyperprompt_t5x.run import train_state
+  from hyperprompt_t5x.training import step_compilation
+  config = _config('global', num_encoder_layers=1, num_decoder_layers=1)
+  model = models.EncoderDecoderModel(config, z_loss=1e-4)
+  mesh = partitioning.make_mesh(1)
+  tx = optax.sgd(0.5)
+  state, shardings = train_state.create_train_state(
+      model, tx, jax.random.PRNGKey(0), mesh, partitioning.standard_logical_axis_rules(),
+      PACKED_LENGTHS[0], PACKED_LENGTHS[1], initial_params=network.random_params(config))
+  step = train_state.make_train_step(model, tx, mesh, shardings, donate=False)
+  examples = _examples()
+  packed, _ = packed_batch(examples, ROWS, PACKED_LENGTHS)
+  spec = step_compilation.batch_spec(mesh, len(ROWS), {'inputs': PACKED_LENGTHS[0],
+                                                       'targets': PACKED_LENGTHS[1]}, packed=True)
+  assert {k: v.shape for k, v in spec.items()} == {k: v.shape for k, v in packed.items()}
+  step.jitted.lower(train_state.abstract_with_shardings(state, shardings), spec,
+                    jax.random.PRNGKey(0))
+  results = {}
+  for name, batch in (('unpacked', unpacked_batch(examples)), ('packed', packed)):
+    new_state, metrics = step(state, partitioning.shard_batch(batch, mesh))
+    results[name] = (jax.device_get(new_state.params), float(metrics['loss']))
+  (params_u, loss_u), (params_p, loss_p) = results['unpacked'], results['packed']
+  np.testing.assert_allclose(loss_p, loss_u, rtol=1e-5)
+  for got, want in zip(jax.tree_util.tree_leaves(params_p), jax.tree_util.tree_leaves(params_u)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: float(np.max(np.abs(a - b))), params_p, jax.device_get(state.params)))
+  assert max(moved) > 1e-3
+
+
+def test_t5x_model_passes_the_packing_features():
+  """T5X's loss on a packed batch (task ids [batch, 1]) is the project model's on the same
+  examples unpacked; init takes packed input shapes; decoding refuses packed rows."""
+  pytest.importorskip('t5x', reason='t5x not importable')
+  import seqio
+  from t5x import optimizers as t5x_optimizers
+  from hyperprompt_t5x.t5x_adapter import t5x_model
+  vocab = seqio.ByteVocabulary()
+
+  def _t5x(config):
+    return t5x_model.HyperPromptEncoderDecoderModel(
+        network.Transformer(config), vocab, vocab, t5x_optimizers.sgd(0.1), z_loss=1e-4,
+        loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+  config, _, params = _setup('global')
+  theirs = _t5x(config)
+  examples = _examples()
+  packed, _ = packed_batch(examples, ROWS, PACKED_LENGTHS)
+  packed_t5x = dict(packed, task_ids=packed['task_ids'][:, None])
+  loss = jax.jit(lambda p, b: theirs.loss_fn(p, b, None)[0])(params, packed_t5x)
+  want = _forward('global', params, unpacked_batch(examples))[2]
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+
+  shapes = {k: v.shape for k, v in packed.items() if k != 'task_ids'}
+  for method in ('global', 'prompt_tuning'):  # traced, as T5X inits
+    t5x_init = _t5x(_config(method)).get_initial_variables
+    variables = jax.eval_shape(lambda rng, f=t5x_init: f(rng, shapes), jax.random.PRNGKey(0))
+    assert (jax.tree_util.tree_map(lambda x: x.shape, dict(variables['params'])) ==
+            jax.tree_util.tree_map(lambda x: x.shape, network.param_shapes(_config(method))))
+  with pytest.raises(ValueError, match='unpacked'):
+    theirs.predict_batch_with_aux(params, packed_t5x)
+
+
+def test_the_packed_layout_is_seqios():
+  """The packer of these tests lays rows out as seqio's EncDecFeatureConverter(pack=True)."""
+  seqio = pytest.importorskip('seqio', reason='seqio not importable')
+  tf = pytest.importorskip('tensorflow', reason='tensorflow not importable')
+  examples = _examples()
+  members = ROWS[0] + ROWS[1]  # task 0's stream: examples 0, 1 fill one row, 2 the next
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({'inputs': examples[i][1], 'targets': examples[i][2]} for i in members),
+      output_signature={'inputs': tf.TensorSpec([None], tf.int32),
+                        'targets': tf.TensorSpec([None], tf.int32)})
+  lengths = (9, 5)  # example 2 does not fit after 0 and 1
+  rows = list(seqio.EncDecFeatureConverter(pack=True)(
+      ds, {'inputs': lengths[0], 'targets': lengths[1]}).as_numpy_iterator())
+  ours, _ = packed_batch(examples, ROWS[:2], lengths)
+  assert len(rows) == 2
+  for key, value in ours.items():
+    if key != 'task_ids':
+      np.testing.assert_array_equal(np.stack([r[key] for r in rows]), value, err_msg=key)

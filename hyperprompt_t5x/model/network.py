@@ -430,14 +430,25 @@ class Transformer(nn.Module):
       return {}
     return self.task_conditioning(task_ids)
 
-  def _prompt_slots(self, encoder_segment_ids, encoder_positions):
-    """bool [batch, in_len] of the reserved prompt positions (packed prompt tuning), else None."""
+  def _prompt_slots(self, encoder_input_tokens, encoder_segment_ids, encoder_positions):
+    """bool [batch, in_len] of the reserved prompt positions (packed prompt tuning), else None.
+
+    Concrete (non-traced) batches are checked: a slot must hold token 0.
+    """
+    l = self.config.prompt_length
     if encoder_segment_ids is None or self.config.method != 'prompt_tuning':
       return None
     if encoder_positions is None:
       raise ValueError('packed prompt tuning needs encoder_positions (the prompt slots are '
-                       'positions 0..prompt_length-1 of each segment)')
-    return (encoder_segment_ids > 0) & (encoder_positions < self.config.prompt_length)
+                       f'positions 0..{l - 1} of each segment)')
+    slots = (encoder_segment_ids > 0) & (encoder_positions < l)
+    held = concrete_value(jnp.where(slots, encoder_input_tokens, 0))
+    if held is not None and held.any():
+      rows = sorted(set(np.nonzero(held)[0].tolist()))
+      raise ValueError(f'packed prompt tuning: rows {rows[:8]} have tokens at positions '
+                       f'< prompt_length={l}; the data must reserve {l} slots (token 0) at '
+                       'the start of every segment')
+    return slots
 
   def _encoder_valid(self, encoder_input_tokens, prompt_slots=None):
     """[batch, in_len] -> bool [batch, (l +) in_len]: non-padding encoder positions."""
@@ -464,7 +475,7 @@ class Transformer(nn.Module):
                   encoder_positions=encoder_positions)
     if conditioning is None:
       conditioning = self.compute_conditioning(task_ids, batch)
-    slots = self._prompt_slots(encoder_segment_ids, encoder_positions)
+    slots = self._prompt_slots(encoder_input_tokens, encoder_segment_ids, encoder_positions)
     valid = self._encoder_valid(encoder_input_tokens, slots)
     encoder_mask = layers.combine_masks(
         layers.make_attention_mask(valid, valid, dtype=cfg.dtype),
@@ -498,7 +509,8 @@ class Transformer(nn.Module):
     if conditioning is None:
       conditioning = self.compute_conditioning(task_ids, batch)
     encoder_valid = self._encoder_valid(
-        encoder_input_tokens, self._prompt_slots(encoder_segment_ids, encoder_positions))
+        encoder_input_tokens,
+        self._prompt_slots(encoder_input_tokens, encoder_segment_ids, encoder_positions))
     if decode:
       decoder_mask = None
       encoder_decoder_mask = layers.make_attention_mask(

@@ -122,7 +122,8 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     # [batch, input_len], [batch, target_len] dummies (and packing features); [batch] ids.
     enc, dec = (jnp.ones(input_shapes[k], input_types.get(k, jnp.int32))
                 for k in ('encoder_input_tokens', 'decoder_input_tokens'))
-    packing = {k: jnp.ones(input_shapes[k], input_types.get(k, jnp.int32))
+    # Packing dummies: all-padding rows (segment ids 0), valid for every method.
+    packing = {k: jnp.zeros(input_shapes[k], input_types.get(k, jnp.int32))
                for k in network.PACKING_FEATURES if k in input_shapes}
     return flax.core.freeze(self.module.init(
         rng, enc, dec, dec, jnp.zeros((batch,), jnp.int32), **packing, enable_dropout=False))
