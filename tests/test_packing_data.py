@@ -1,6 +1,8 @@
 """Packed training rows (tasks/packing.py): seqio's features, one task per row, the
 mixture's proportions per example, prompt slots, and a resumable stream."""
 import collections
+import io
+import json
 import pathlib
 import re
 import signal
@@ -175,3 +177,28 @@ def test_kill_9_and_rerun_trains_on_the_same_packed_examples(tmp_path, compilati
   assert resumed and 2 <= int(resumed.group(1)) < steps, resumed
   comparison = kill_harness.compare_runs(reference, model_dir, steps)
   assert comparison['params_identical'] and comparison['problems'] == [], comparison
+
+
+def test_train_records_count_real_examples_and_fill(tmp_path):
+  """examples_per_sec counts examples (all processes: this one's shard x their number);
+  the fills are the window's; the progress line shows both."""
+  lengths = {'inputs': 16, 'targets': 4}
+  rows = list(packing.TaskPacker(lengths, bins=1).pack(
+      [(np.array([3, 1]), np.array([4, 1]), 0), (np.array([5, 6, 1]), np.array([1]), 0),
+       (np.array([7, 1]), np.array([8, 1]), 1)]))
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}  # 3 examples in 2 rows
+  stream = io.StringIO()
+  logger = metrics_logging.MetricsLogger(str(tmp_path), tensorboard=False, stream=stream)
+  log = metrics_logging.TrainLog(logger, schedule=lambda step: 0.1, start_step=0,
+                                 total_steps=10, tokens_per_step=2 * (16 + 4),
+                                 num_processes=2)
+  for _ in range(2):
+    log.count(batch)
+  log.record(2, [(0, {'loss': 1.0}), (1, {'loss': 3.0})])
+  record = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[-1])
+  # 2 steps x 3 examples x 2 processes over the window's seconds (= 2 steps / steps_per_sec).
+  assert record['examples_per_sec'] == pytest.approx(6 * record['steps_per_sec'])
+  assert record['input_fill'] == pytest.approx(7 / 32)
+  assert record['target_fill'] == pytest.approx(5 / 8)
+  line = stream.getvalue().strip()
+  assert ' ex/s  fill 22%/62%  ETA ' in line and len(line) <= 80, line
