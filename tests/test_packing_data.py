@@ -202,3 +202,30 @@ def test_train_records_count_real_examples_and_fill(tmp_path):
   assert record['target_fill'] == pytest.approx(5 / 8)
   line = stream.getvalue().strip()
   assert ' ex/s  fill 22%/62%  ETA ' in line and len(line) <= 80, line
+
+
+@pytest.mark.parametrize('method, reserved', [('prompt_tuning', 3), ('global', 0)])
+def test_t5x_models_converter_reserves_prompt_tuning_slots(method, reserved):
+  """T5X builds FEATURE_CONVERTER_CLS(pack=cfg.pack): packed prompt tuning reserves
+  PROMPT_LENGTH slots per example, other methods none; unpacked rows are unchanged."""
+  pytest.importorskip('t5x', reason='t5x not importable')
+  from t5x import optimizers as t5x_optimizers  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.t5x_adapter import t5x_model  # pylint: disable=g-import-not-at-top
+  config = network.T5Config.from_size('tiny', method=method, num_tasks=3, prompt_length=3)
+  vocab = seqio.ByteVocabulary()
+  model = t5x_model.HyperPromptEncoderDecoderModel(network.Transformer(config), vocab, vocab,
+                                                   t5x_optimizers.sgd(0.1))
+  ds = tf.data.Dataset.from_tensors({'inputs': tf.constant([5, 6, 1]),
+                                     'targets': tf.constant([7, 1]),
+                                     'task_id': tf.constant([2], tf.int32)}).repeat(2)
+  lengths = {'inputs': 32, 'targets': 4}
+  row = next(model.FEATURE_CONVERTER_CLS(pack=True, use_custom_packing_ops=False)(
+      ds, lengths).as_numpy_iterator())
+  first = [0] * reserved + [5, 6, 1]
+  np.testing.assert_array_equal(row['encoder_input_tokens'][:2 * len(first)], first * 2)
+  np.testing.assert_array_equal(row['encoder_positions'][:len(first)], range(len(first)))
+  assert row['task_ids'] == 2 and row['decoder_target_tokens'].shape == (4,)
+  unpacked = next(model.FEATURE_CONVERTER_CLS(pack=False)(ds, lengths).as_numpy_iterator())
+  np.testing.assert_array_equal(unpacked['encoder_input_tokens'][:4], [5, 6, 1, 0])
+  assert 'encoder_segment_ids' not in unpacked
