@@ -82,6 +82,7 @@ class BenchConfig:
   num_batches: int = 2  # distinct device batches the loop rotates through
   seed: int = 0
   num_layers: Optional[int] = None  # None: the size's; else this many encoder and decoder layers
+  vocab_size: Optional[int] = None  # None: the size's
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -156,6 +157,8 @@ def model_config(cfg: BenchConfig):
     overrides['prompt_length'] = cfg.prompt_length
   if cfg.num_layers is not None:
     overrides.update(num_encoder_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers)
+  if cfg.vocab_size is not None:
+    overrides['vocab_size'] = cfg.vocab_size
   return network.T5Config.from_size(cfg.size, **overrides)
 
 

@@ -69,6 +69,7 @@ def train(*,
           num_partitions: int = 1,
           seed: int = 0,
           shuffle: bool = True,
+          pack: bool = False,
           tensorboard: bool = True,
           use_hardware_rng: bool = False,
           xla_flags: Optional[str] = None,
@@ -87,8 +88,9 @@ def train(*,
   norm ratios are 1 on the first batch; the ratios are logged either way; prompt_scale.py),
   save_period (SAVE_PERIOD),
   eval_period (EVAL_PERIOD; 0 = evaluate only at the end, None = never),
-  num_partitions (NUM_PARTITIONS, the 'model' mesh axis). `config_str` is the
-  operative gin config, saved as MODEL_DIR/config.gin. use_hardware_rng
+  num_partitions (NUM_PARTITIONS, the 'model' mesh axis), pack (PACK: training rows
+  hold several examples of one task each, docs/PACKING.md; evaluation stays
+  unpacked). `config_str` is the operative gin config, saved as MODEL_DIR/config.gin. use_hardware_rng
   (USE_HARDWARE_RNG, as T5X) switches JAX to the `unsafe_rbg` PRNG: much faster
   to compile and run, different random numbers than the default threefry.
   xla_flags (XLA_FLAGS) are added to the XLA_FLAGS environment variable if JAX
@@ -102,6 +104,7 @@ def train(*,
   run_setup.require('save_period', save_period, int, positive=True)
   run_setup.require('log_period', log_period, int, positive=True)
   run_setup.require('calibrate_prompt_scale', calibrate_prompt_scale, bool)
+  run_setup.require('pack', pack, bool)
   lengths = run_setup.validate_feature_lengths(task_feature_lengths)
   settings = run_setup.OptimizerSettings(
       optimizer, float(learning_rate), lr_schedule, warmup_steps, freeze,
@@ -168,8 +171,9 @@ def _draw_plots(model_dir: str) -> None:
 
 
 def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings, store,
-            resume_step, batch_size, seed, shuffle, num_partitions, initial_checkpoint_path,
-            eval_split, eval_batch_size, eval_max_examples, rng, on_plan):
+            resume_step, batch_size, seed, shuffle, pack, num_partitions,
+            initial_checkpoint_path, eval_split, eval_batch_size, eval_max_examples, rng,
+            on_plan):
   """(run, inputs, step_fn): the state, the pipelines and the compiled step, in parallel.
 
   The input pipelines are built and the train step compiles in worker threads
@@ -180,9 +184,11 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
     inputs_future = pool.submit(
         train_data.open_inputs, mixture_or_task_name, lengths, batch_size=batch_size,
         seed=seed, skip=resume_step or 0, shuffle=shuffle, eval_split=eval_split,
-        eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples)
+        eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, pack=pack,
+        reserve=train_data.prompt_positions(model_config))
     builder = step_compilation.TrainStepBuilder(
-        pool, freeze=settings.freeze, batch_size=batch_size, lengths=lengths, rng=rng)
+        pool, freeze=settings.freeze, batch_size=batch_size,
+        lengths=train_data.row_lengths(lengths, pack), rng=rng, packed=pack)
 
     def plan_ready(plan) -> None:
       on_plan(plan)
@@ -243,7 +249,7 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, t0,
 def _train_holding_model_dir(
     *, model_dir, model_config, mixture_or_task_name, train_steps, batch_size,
     initial_checkpoint_path, save_period, keep_checkpoints, eval_period, eval_split,
-    eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle,
+    eval_batch_size, eval_max_examples, log_period, num_partitions, seed, shuffle, pack,
     tensorboard, config_str, lengths, settings, t0, task_names, calibrate_prompt_scale,
     **unused) -> dict:
   """The body of `train` (arguments validated, MODEL_DIR held)."""
@@ -262,14 +268,15 @@ def _train_holding_model_dir(
           model_dir=model_dir, model_config=model_config,
           mixture_or_task_name=mixture_or_task_name, lengths=lengths, settings=settings,
           store=store, resume_step=resume_step, batch_size=batch_size, seed=seed,
-          shuffle=shuffle, num_partitions=num_partitions,
+          shuffle=shuffle, pack=pack, num_partitions=num_partitions,
           initial_checkpoint_path=initial_checkpoint_path,
           eval_split=eval_split if eval_period is not None else None,
           eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, rng=rng,
           on_plan=lambda plan: log(run_summary.describe(
               plan, model_config, freeze=settings.freeze, mixture=mixture_or_task_name,
               task_names=task_names, batch_size=batch_size, lengths=lengths,
-              train_steps=train_steps, start_step=resume_step, model_dir=model_dir)))
+              train_steps=train_steps, start_step=resume_step, model_dir=model_dir,
+              pack=pack)))
       break
     except train_state.CheckpointCorruptError as e:
       if resume_step is None:
@@ -288,10 +295,11 @@ def _train_holding_model_dir(
                                          is_chief=is_chief())
   saver = checkpoint_saving.CheckpointSaver(run.store, model_dir, model_config, batch_size)
   pending = metrics_logging.PendingMetrics()
+  rows = train_data.row_lengths(lengths, pack)
   train_log = metrics_logging.TrainLog(
       logger, schedule=run.schedule, start_step=start, total_steps=train_steps,
-      tokens_per_step=batch_size * (lengths['inputs'] + lengths['targets']),
-      periods={'save': save_period, 'eval': eval_period})
+      tokens_per_step=batch_size * (rows['inputs'] + rows['targets']),
+      periods={'save': save_period, 'eval': eval_period}, num_processes=jax.process_count())
   state = run.state
   seconds_to_first_step = None
   if validation is not None and checkpoint_saving.eval_missing(
@@ -302,6 +310,7 @@ def _train_holding_model_dir(
       for step in range(start, train_steps):
         batch = next(inputs.batches)
         network.check_task_ids(batch['task_ids'], model_config.num_tasks)
+        train_log.count(batch)
         if step == 0 and initial_checkpoint_path:
           state = _calibrate_prompt_scale(model_config, state, batch, run.mesh,
                                           calibrate_prompt_scale)
