@@ -15,6 +15,7 @@ buffer fill), for each vocabulary asked for:
   python bench/data_pipeline.py [--vocabulary byte,sp] [--batch_size 128]
 """
 import argparse
+import json
 import os
 import pathlib
 import tempfile
@@ -33,13 +34,26 @@ def _glue_dir(arg):
   return path
 
 
-def _train_sentencepiece(glue_dir, out_dir, vocab_size):
+def _text_fields(path):
+  """The text cells of a GLUE TSV (header dropped) or the strings of a SuperGLUE JSONL line."""
+  lines = pathlib.Path(path).read_text(encoding='utf-8-sig').splitlines()
+  if str(path).endswith('.jsonl'):
+    for line in lines:
+      yield [v for v in json.loads(line).values() if isinstance(v, str)]
+  else:
+    for line in lines[1:]:
+      yield line.split('\t')
+
+
+def train_sentencepiece(files, out_dir, vocab_size):
+  """A unigram SentencePiece model on the texts of `files`, T5's ids (pad 0, eos 1, unk 2,
+  no bos); returns its .model path."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   corpus = pathlib.Path(out_dir) / 'corpus.txt'
   with open(corpus, 'w') as f:
-    for tsv in sorted(glue_dir.glob('*/*.tsv')):
-      for line in tsv.read_text(encoding='utf-8-sig').splitlines()[1:]:
-        f.write(' '.join(c for c in line.split('\t') if len(c) > 8) + '\n')
+    for path in files:
+      for cells in _text_fields(path):
+        f.write(' '.join(c for c in cells if len(c) > 8) + '\n')
   spm.SentencePieceTrainer.train(
       input=str(corpus), model_prefix=str(pathlib.Path(out_dir) / 'sp'), vocab_size=vocab_size,
       num_threads=1, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
@@ -97,7 +111,7 @@ def main():
     for spec in args.vocabulary.split(','):
       label = spec
       if spec == 'sp':
-        spec = _train_sentencepiece(glue_dir, tmp, args.sp_vocab_size)
+        spec = train_sentencepiece(sorted(glue_dir.glob('*/*.tsv')), tmp, args.sp_vocab_size)
         label = f'sp (trained here, {args.sp_vocab_size} pieces)'
       tasks.set_vocabulary(spec)  # re-registers: fresh sources, parse caches empty
       total = seconds = setup = 0.0

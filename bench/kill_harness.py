@@ -216,20 +216,21 @@ def compare_runs(reference, resumed, step: int) -> dict:
 
 
 def run_harness(work: pathlib.Path, *, kills: int, steps: int, save_period: int,
-                eval_period, seed: int, cache_dir, log=print) -> dict:
+                eval_period, seed: int, cache_dir, log=print, gin=()) -> dict:
+  """`gin`: extra bindings for both runs, e.g. ('PACK=True',)."""
   env = subprocess_env(cache_dir)
   rng = random.Random(seed)
   t0 = time.monotonic()
   reference = work / 'reference'
-  keep = '--gin.KEEP_CHECKPOINTS=None'
-  ref = Attempt(demo_args(reference, keep, steps=steps, save=save_period,
+  extra = ['--gin.KEEP_CHECKPOINTS=None', *(f'--gin.{b}' for b in gin)]
+  ref = Attempt(demo_args(reference, *extra, steps=steps, save=save_period,
                           eval_period=eval_period), reference, env)
   if ref.finish(timeout=1800) != 0:
     raise RuntimeError(f'the reference run failed:\n{ref.output()}')
   reference_seconds = time.monotonic() - t0
   log(f'reference run: {steps} steps in {reference_seconds:.0f} s')
   model_dir = work / 'killed'
-  args = demo_args(model_dir, keep, steps=steps, save=save_period, eval_period=eval_period)
+  args = demo_args(model_dir, *extra, steps=steps, save=save_period, eval_period=eval_period)
   table, attempts = [], 0
   kinds = ['start-up', 'step', 'checkpoint write']
   while len(table) < kills:
@@ -272,6 +273,9 @@ def main(argv=None) -> int:
   parser.add_argument('--eval_period', type=int, default=None,
                       help='evaluate every N steps (best.json compared too); default never')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--gin', action='append', default=[],
+                      help="extra gin binding for every run, e.g. --gin PACK=True "
+                           "--gin \"TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 2}\"")
   parser.add_argument('--work_dir', default=None, help='default: a fresh temporary folder')
   parser.add_argument('--cache_dir', default=None,
                       help='JAX persistent compilation cache (default: inside work_dir)')
@@ -281,7 +285,8 @@ def main(argv=None) -> int:
   work.mkdir(parents=True, exist_ok=True)
   figures = run_harness(work, kills=args.kills, steps=args.steps,
                         save_period=args.save_period, eval_period=args.eval_period,
-                        seed=args.seed, cache_dir=args.cache_dir or work / 'xla_cache')
+                        seed=args.seed, cache_dir=args.cache_dir or work / 'xla_cache',
+                        gin=args.gin)
   print(f"{figures['kills']} kills survived ({', '.join(f'{n} in {p}' for p, n in figures['phases'].items())}); "
         f"final params {'bit-identical' if figures['params_identical'] else 'DIFFERENT'} "
         f"({figures['params_compared']} arrays); problems: {figures['problems'] or 'none'}; "

@@ -51,6 +51,8 @@ def model_config(cfg):
     overrides['prompt_length'] = cfg.prompt_length
   if cfg.num_layers is not None:
     overrides.update(num_encoder_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers)
+  if cfg.vocab_size is not None:
+    overrides['vocab_size'] = cfg.vocab_size
   return network.T5Config.from_size(cfg.size, **overrides)
 
 

@@ -84,6 +84,7 @@ class BenchConfig:
   num_batches: int = 2  # distinct device batches the loop rotates through
   seed: int = 0
   num_layers: Optional[int] = None  # None: the size's; else this many encoder and decoder layers
+  vocab_size: Optional[int] = None  # None: the size's
 
 
 def percentile(values: Sequence[float], q: float) -> float:

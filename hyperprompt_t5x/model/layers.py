@@ -12,6 +12,12 @@ prompt_value=)`: hyper-prompts `[batch, l, heads, head_dim]` are prepended to
 the keys and values after projection (in cached decoding they are the first
 l columns of the cache, written once). Their columns get zero
 relative-position bias and are never masked.
+
+Packed rows (several examples per row, seqio's segment ids): `make_segment_mask`
+gives the block-diagonal mask. The relative-position bias stays one
+[1, heads, q, k] table from index offsets: segments are contiguous, so within
+a segment the index offset k - q equals the position offset, and pairs across
+segments are masked. Prompt columns stay unmasked in every segment.
 """
 import functools
 from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
@@ -233,11 +239,21 @@ def combine_masks(*masks: Optional[Array], dtype: DType = jnp.float32) -> Option
   return mask.astype(dtype)
 
 
-def make_decoder_mask(decoder_target_tokens: Array, dtype: DType = jnp.float32) -> Array:
-  """Causal and non-padding mask for unpacked decoder inputs: [batch, 1, len, len]."""
+def make_segment_mask(query_segment_ids: Optional[Array], key_segment_ids: Optional[Array],
+                      dtype: DType = jnp.float32) -> Optional[Array]:
+  """Block-diagonal packing mask [batch, 1, q, k]: same segment id (None when unpacked)."""
+  if query_segment_ids is None:
+    return None
+  return make_attention_mask(query_segment_ids, key_segment_ids, jnp.equal, dtype=dtype)
+
+
+def make_decoder_mask(decoder_target_tokens: Array, dtype: DType = jnp.float32,
+                      decoder_segment_ids: Optional[Array] = None) -> Array:
+  """Causal, non-padding and (packed) same-segment mask: [batch, 1, len, len]."""
   return combine_masks(
       make_causal_mask(decoder_target_tokens, dtype=dtype),
       make_attention_mask(decoder_target_tokens > 0, decoder_target_tokens > 0, dtype=dtype),
+      make_segment_mask(decoder_segment_ids, decoder_segment_ids, dtype=dtype),
       dtype=dtype)
 
 

@@ -7,7 +7,10 @@ scores, and greedy cached decoding. Imports only JAX and Flax.
 
 Batch features (docs/ARCHITECTURE.md): `encoder_input_tokens`,
 `decoder_input_tokens`, `decoder_target_tokens` [batch, len] int32,
-`decoder_loss_weights` [batch, targets_len], `task_ids` [batch] int32.
+`decoder_loss_weights` [batch, targets_len], `task_ids` [batch] int32; a
+packed batch adds `network.PACKING_FEATURES` (docs/PACKING.md), passed to the
+network as they are; the loss is then the same weighted token mean, and
+`sum_per_segment` gives per-example sums.
 """
 from __future__ import annotations
 
@@ -63,6 +66,22 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float = 0.0
   z = z_loss * jnp.square(log_z)
   total = -soft_log_prob + z - normalizing_constant
   return total, z
+
+
+def packing_features(batch: Batch) -> dict:
+  """The packing features present in `batch` ({} for an unpacked batch)."""
+  return {k: batch[k] for k in network.PACKING_FEATURES if k in batch}
+
+
+def sum_per_segment(values: Array, segment_ids: Array, num_segments: int) -> Array:
+  """Per-example sums of token values in packed rows: [batch, len] -> [batch, num_segments].
+
+  Column s - 1 holds segment s's sum (0 where a row has fewer segments);
+  padding (segment id 0) and ids above num_segments are dropped.
+  """
+  # [batch, len] -> [batch, len, num_segments] one-hot of segment ids 1..num_segments
+  one_hot = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=values.dtype)
+  return jnp.einsum('bl,bls->bs', values, one_hot)
 
 
 class EncoderDecoderModel:
@@ -134,7 +153,7 @@ class EncoderDecoderModel:
     # -> [batch, targets_len, vocab]
     return self.module.apply(
         {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-        batch['decoder_target_tokens'], batch.get('task_ids'),
+        batch['decoder_target_tokens'], batch.get('task_ids'), **packing_features(batch),
         enable_dropout=dropout_rng is not None, rngs=rngs)
 
   @staticmethod
@@ -171,18 +190,29 @@ class EncoderDecoderModel:
     }
     return loss, metrics
 
-  def score_batch(self, params, batch: Batch) -> Array:
-    """Sum over target tokens of log p(target), weighted: [batch] float32."""
+  def token_scores(self, params, batch: Batch) -> Array:
+    """Weighted log p(target) per target token: [batch, len] float32."""
     logits = self._logits(params, batch, None).astype(jnp.float32)
     # [batch, len, vocab] -> [batch, len]
     log_p = jax.nn.log_softmax(logits, axis=-1)
     token_ll = jnp.take_along_axis(
         log_p, batch['decoder_target_tokens'][..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum(token_ll * self._weights(batch), axis=-1)
+    return token_ll * self._weights(batch)
+
+  def score_batch(self, params, batch: Batch) -> Array:
+    """Sum over target tokens of log p(target), weighted: [batch] float32.
+
+    Per row: for a packed batch, `sum_per_segment(token_scores(...),
+    batch['decoder_segment_ids'], n)` gives each example's score.
+    """
+    return jnp.sum(self.token_scores(params, batch), axis=-1)
 
   def predict_batch(self, params, batch: Batch,
                     max_decode_length: Optional[int] = None) -> Array:
     """Greedy cached decoding: int32 [batch, max_decode_length] (EOS = 1, then 0s)."""
+    if packing_features(batch):
+      raise ValueError(f'predict_batch: the batch is packed ({sorted(packing_features(batch))}); '
+                       'decoding takes unpacked batches')
     if max_decode_length is None:
       if 'decoder_target_tokens' not in batch:
         raise ValueError('predict_batch needs max_decode_length or decoder_target_tokens '

@@ -12,6 +12,21 @@ Logical axes: parameters are declared T5X-style with
 `tasks, prompt_len, hyper_blocks, hyper_bottleneck, task_embed, layer_task,
 hyper_generated, hyper_layers, hyper_positions`). Activations are constrained
 with `nn.with_logical_constraint` (a no-op without axis rules).
+
+Packing (docs/PACKING.md): a packed batch adds seqio's `encoder_segment_ids`,
+`encoder_positions` [batch, in_len] and `decoder_segment_ids`,
+`decoder_positions` [batch, target_len] (segment ids 1.. per example in the
+row, 0 = padding; positions 0-based within each segment). Each row holds the
+examples of ONE task (`task_ids` stays [batch]), so the per-row prompts and
+adapters are each example's own. Attention is block-diagonal by segment in
+the encoder, the causal decoder and cross-attention; prompt key/value columns
+are never masked (they belong to every segment of their row). Packed prompt
+tuning: the data reserves `prompt_length` encoder positions (token id 0) at the
+start of every segment, and the encoder replaces the embeddings at those
+slots (segment id > 0, position < prompt_length) by prompt vector `position`
+of the row's task; this is unpacked prompt tuning, whose prompt occupies
+positions 0..l-1 before the inputs, and the packed encoder output keeps
+length in_len. Without segment ids a batch is unpacked and computed as before.
 """
 import dataclasses
 import functools
@@ -31,6 +46,9 @@ from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS, METHODS
 
 Array = jax.Array
 
+# seqio's packing features, in the order of T5X's EncoderDecoder.__call__.
+PACKING_FEATURES = ('encoder_segment_ids', 'decoder_segment_ids', 'encoder_positions',
+                    'decoder_positions')
 # The one top-level key of every task-conditioning parameter.
 CONDITIONING_KEY = 'task_conditioning'
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims')
@@ -298,15 +316,26 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoder_input_tokens, encoder_mask=None, *, conditioning=None,
-               task_ids=None, deterministic: bool = False):
+               task_ids=None, deterministic: bool = False, prompt_slots=None,
+               encoder_positions=None):
+    """prompt_slots [batch, length] bool (packed prompt tuning): the reserved
+    positions whose embeddings become prompt vector `encoder_positions`."""
     cfg = self.config
     conditioning = conditioning or {}
     # [batch, length] -> [batch, length, embed]
     x = self.shared_embedding(encoder_input_tokens.astype('int32'))
     x = jnp.asarray(x, cfg.dtype)
     if 'encoder_prefix' in conditioning:
-      # [batch, l, embed] ; [batch, length, embed] -> [batch, l + length, embed]
-      x = jnp.concatenate([jnp.asarray(conditioning['encoder_prefix'], cfg.dtype), x], axis=1)
+      prefix = jnp.asarray(conditioning['encoder_prefix'], cfg.dtype)
+      if prompt_slots is None:
+        # [batch, l, embed] ; [batch, length, embed] -> [batch, l + length, embed]
+        x = jnp.concatenate([prefix, x], axis=1)
+      else:
+        # Packed: slot i of each segment takes prompt vector i of the row's task.
+        index = jnp.clip(encoder_positions, 0, prefix.shape[1] - 1)
+        # [batch, l, embed] gathered by [batch, length] -> [batch, length, embed]
+        prompt = jnp.take_along_axis(prefix, index[..., None].astype(jnp.int32), axis=1)
+        x = jnp.where(prompt_slots[..., None], prompt, x)
     x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     length = x.shape[1]
     encoder_bias = _relpos(cfg)(length, length, True)
@@ -373,7 +402,8 @@ class Transformer(nn.Module):
   Concrete (non-traced) ids are range-checked; under jit out-of-range ids
   make the gathered conditioning NaN instead of silently clamping.
   For 'prompt_tuning', `encode` returns [batch, l + in_len, emb] (the prompt
-  positions stay visible to cross-attention) and `decode` extends the mask.
+  positions stay visible to cross-attention) and `decode` extends the mask;
+  packed, the prompts fill reserved slots and the length stays in_len.
   """
   config: T5Config
 
@@ -412,61 +442,137 @@ class Transformer(nn.Module):
       return {}
     return self.task_conditioning(task_ids)
 
-  def _encoder_valid(self, encoder_input_tokens):
+  def _prompt_slots(self, encoder_input_tokens, encoder_segment_ids, encoder_positions):
+    """bool [batch, in_len] of the reserved prompt positions (packed prompt tuning), else None.
+
+    Concrete (non-traced) batches are checked: a slot must hold token 0.
+    """
+    l = self.config.prompt_length
+    if encoder_segment_ids is None or self.config.method != 'prompt_tuning':
+      return None
+    if encoder_positions is None:
+      raise ValueError('packed prompt tuning needs encoder_positions (the prompt slots are '
+                       f'positions 0..{l - 1} of each segment)')
+    slots = (encoder_segment_ids > 0) & (encoder_positions < l)
+    held = concrete_value(jnp.where(slots, encoder_input_tokens, 0))
+    if held is not None and held.any():
+      rows = sorted(set(np.nonzero(held)[0].tolist()))
+      raise ValueError(f'packed prompt tuning: rows {rows[:8]} have tokens at positions '
+                       f'< prompt_length={l}; the data must reserve {l} slots (token 0) at '
+                       'the start of every segment')
+    return slots
+
+  def _encoder_valid(self, encoder_input_tokens, prompt_slots=None):
     """[batch, in_len] -> bool [batch, (l +) in_len]: non-padding encoder positions."""
     valid = encoder_input_tokens > 0
+    if prompt_slots is not None:
+      return valid | prompt_slots
     if self.config.method == 'prompt_tuning':
       prefix = jnp.ones((valid.shape[0], self.config.prompt_length), bool)
       valid = jnp.concatenate([prefix, valid], axis=1)
     return valid
 
-  def encode(self, encoder_input_tokens, task_ids=None, *, enable_dropout: bool = True,
+  def encode(self, encoder_input_tokens, task_ids=None, encoder_segment_ids=None,
+             encoder_positions=None, *, enable_dropout: bool = True,
              conditioning: Optional[Dict[str, Any]] = None):
-    """[batch, in_len] -> [batch, in_len (+ l for prompt_tuning), emb]."""
+    """[batch, in_len] -> [batch, in_len (+ l for unpacked prompt_tuning), emb].
+
+    encoder_segment_ids / encoder_positions [batch, in_len] (packed rows):
+    attention stays within each segment (docs/PACKING.md).
+    """
+    cfg = self.config
     batch = encoder_input_tokens.shape[0]
     task_ids = self._task_ids(task_ids, batch)
+    check_packing(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
+                  encoder_positions=encoder_positions)
     if conditioning is None:
       conditioning = self.compute_conditioning(task_ids, batch)
-    valid = self._encoder_valid(encoder_input_tokens)
-    encoder_mask = layers.make_attention_mask(valid, valid, dtype=self.config.dtype)
+    slots = self._prompt_slots(encoder_input_tokens, encoder_segment_ids, encoder_positions)
+    valid = self._encoder_valid(encoder_input_tokens, slots)
+    encoder_mask = layers.combine_masks(
+        layers.make_attention_mask(valid, valid, dtype=cfg.dtype),
+        layers.make_segment_mask(encoder_segment_ids, encoder_segment_ids, dtype=cfg.dtype),
+        dtype=cfg.dtype)
     return self.encoder(encoder_input_tokens, encoder_mask, conditioning=conditioning,
-                        task_ids=task_ids, deterministic=not enable_dropout)
+                        task_ids=task_ids, deterministic=not enable_dropout,
+                        prompt_slots=slots, encoder_positions=encoder_positions)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
-             decoder_target_tokens, task_ids=None, *, enable_dropout: bool = True,
-             decode: bool = False, max_decode_length: Optional[int] = None,
+             decoder_target_tokens, task_ids=None, encoder_segment_ids=None,
+             decoder_segment_ids=None, encoder_positions=None, decoder_positions=None, *,
+             enable_dropout: bool = True, decode: bool = False,
+             max_decode_length: Optional[int] = None,
              conditioning: Optional[Dict[str, Any]] = None):
-    """-> logits [batch, target_len, vocab]; decode=True steps the 'cache' collection."""
+    """-> logits [batch, target_len, vocab]; decode=True steps the 'cache' collection.
+
+    Packed rows (segment ids given) are for teacher forcing only, as in T5X.
+    decoder_positions is accepted for T5X's interface; the decoder does not
+    need it (its relative positions are index offsets within a segment).
+    """
+    del decoder_positions
     cfg = self.config
     batch = decoder_input_tokens.shape[0]
     task_ids = self._task_ids(task_ids, batch)
+    if decode and encoder_segment_ids is not None:
+      raise ValueError('packed rows (encoder_segment_ids) cannot be decoded step by step; '
+                       'decode unpacked batches')
+    check_packing(encoder_input_tokens, decoder_target_tokens, encoder_segment_ids,
+                  decoder_segment_ids, encoder_positions)
     if conditioning is None:
       conditioning = self.compute_conditioning(task_ids, batch)
-    encoder_valid = self._encoder_valid(encoder_input_tokens)
+    encoder_valid = self._encoder_valid(
+        encoder_input_tokens,
+        self._prompt_slots(encoder_input_tokens, encoder_segment_ids, encoder_positions))
     if decode:
       decoder_mask = None
       encoder_decoder_mask = layers.make_attention_mask(
           jnp.ones_like(decoder_target_tokens, bool), encoder_valid, dtype=cfg.dtype)
     else:
-      decoder_mask = layers.make_decoder_mask(decoder_target_tokens, dtype=cfg.dtype)
-      encoder_decoder_mask = layers.make_attention_mask(
-          decoder_target_tokens > 0, encoder_valid, dtype=cfg.dtype)
+      decoder_mask = layers.make_decoder_mask(decoder_target_tokens, cfg.dtype,
+                                              decoder_segment_ids)
+      encoder_decoder_mask = layers.combine_masks(
+          layers.make_attention_mask(decoder_target_tokens > 0, encoder_valid, dtype=cfg.dtype),
+          layers.make_segment_mask(decoder_segment_ids, encoder_segment_ids, dtype=cfg.dtype),
+          dtype=cfg.dtype)
     return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
                         conditioning=conditioning, task_ids=task_ids,
                         deterministic=not enable_dropout, decode=decode,
                         max_decode_length=max_decode_length)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
-               task_ids=None, *, enable_dropout: bool = True, decode: bool = False):
-    """Teacher-forced logits [batch, target_len, vocab] (float32)."""
+               task_ids=None, encoder_segment_ids=None, decoder_segment_ids=None,
+               encoder_positions=None, decoder_positions=None, *,
+               enable_dropout: bool = True, decode: bool = False):
+    """Teacher-forced logits [batch, target_len, vocab] (float32).
+
+    The four packing features (T5X's names and order) are [batch, in_len] /
+    [batch, target_len] int32, all None for unpacked batches.
+    """
     batch = encoder_input_tokens.shape[0]
     task_ids = self._task_ids(task_ids, batch)
     conditioning = self.compute_conditioning(task_ids, batch)
-    encoded = self.encode(encoder_input_tokens, task_ids, enable_dropout=enable_dropout,
+    encoded = self.encode(encoder_input_tokens, task_ids, encoder_segment_ids,
+                          encoder_positions, enable_dropout=enable_dropout,
                           conditioning=conditioning)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                       decoder_target_tokens, task_ids, enable_dropout=enable_dropout,
-                       decode=decode, conditioning=conditioning)
+                       decoder_target_tokens, task_ids, encoder_segment_ids,
+                       decoder_segment_ids, encoder_positions, decoder_positions,
+                       enable_dropout=enable_dropout, decode=decode,
+                       conditioning=conditioning)
+
+
+def check_packing(encoder_input_tokens, decoder_target_tokens=None, encoder_segment_ids=None,
+                  decoder_segment_ids=None, encoder_positions=None) -> None:
+  """Static checks of the packing features: both segment ids or neither, token shapes."""
+  if decoder_target_tokens is not None and (
+      (encoder_segment_ids is None) != (decoder_segment_ids is None)):
+    raise ValueError('packed batch: encoder_segment_ids and decoder_segment_ids must be given '
+                     'together')
+  for name, x, tokens in (('encoder_segment_ids', encoder_segment_ids, encoder_input_tokens),
+                          ('encoder_positions', encoder_positions, encoder_input_tokens),
+                          ('decoder_segment_ids', decoder_segment_ids, decoder_target_tokens)):
+    if x is not None and jnp.shape(x) != jnp.shape(tokens):
+      raise ValueError(f'{name} has shape {jnp.shape(x)}, its tokens {jnp.shape(tokens)}')
 
 
 def _dummy_inputs(batch: int = 1, length: int = 4):

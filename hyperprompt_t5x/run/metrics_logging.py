@@ -116,13 +116,16 @@ class MetricsLogger:
     """Whether metrics.jsonl has a record of `kind` (see `record_kind`) for `step`."""
     return (int(step), tuple(kind)) in self._logged
 
-  def progress(self, step: int, total: int, loss: float, lr: float, steps_per_sec: float,
-               tokens_per_sec: float, eta_seconds: float) -> None:
-    """One line (< 80 columns): step, loss, learning rate, steps/s, tokens/s, ETA."""
+  def progress(self, step: int, total: int, loss: float, lr: float, examples_per_sec: float,
+               fill: tuple, eta_seconds: float) -> None:
+    """One line (< 80 columns): step, loss, learning rate, examples/s, input/target fill, ETA.
+
+    (steps/s and tokens/s: metrics.jsonl and TensorBoard.)
+    """
     if not self.is_chief:
       return
     print(f'step {step}/{total}  loss {loss:.4f}  lr {lr:.3g}  '
-          f'{steps_per_sec:.2f} steps/s  {tokens_per_sec:,.0f} tokens/s  '
+          f'{examples_per_sec:,.0f} ex/s  fill {fill[0]:.0%}/{fill[1]:.0%}  '
           f'ETA {format_eta(eta_seconds)}', file=self.stream, flush=True)
 
   def close(self) -> None:
@@ -134,8 +137,10 @@ class Throughput:
   """Training-only steps/s and tokens/s: time spent saving or evaluating is left out.
 
   A token is one position of the batch the model processes: tokens per step =
-  BATCH_SIZE x (inputs length + targets length) of TASK_FEATURE_LENGTHS, padding
-  included. The console, metrics.jsonl and TensorBoard all use this definition.
+  BATCH_SIZE x (inputs length + targets length) of the rows (TASK_FEATURE_LENGTHS;
+  packed rows: packing.row_lengths), padding included. metrics.jsonl and
+  TensorBoard use this definition; examples/s and fill (`batch_counts`) say how
+  much of it is real.
   """
 
   def __init__(self, step: int):
@@ -172,6 +177,19 @@ def events_left(step: int, total: int, period: Optional[int]) -> int:
   return total // period - step // period + (1 if total % period else 0)
 
 
+def batch_counts(batch: Mapping[str, Any]) -> np.ndarray:
+  """[examples, input positions used, input positions, target used, target positions] of a
+  host batch: packed rows (segment ids) count their segments, an unpacked row is one example;
+  a position is used when it holds an example's token (or a prompt slot reserved for it).
+  """
+  packed = 'encoder_segment_ids' in batch
+  enc = np.asarray(batch['encoder_segment_ids' if packed else 'encoder_input_tokens'])
+  dec = np.asarray(batch['decoder_segment_ids' if packed else 'decoder_target_tokens'])
+  examples = int(enc.max(axis=1).sum()) if packed else len(enc)
+  return np.array([examples, np.count_nonzero(enc), enc.size, np.count_nonzero(dec), dec.size],
+                  np.int64)
+
+
 class PendingMetrics:
   """Train-step metrics left on the device until a log step (no per-step sync)."""
 
@@ -197,8 +215,11 @@ class TrainLog:
   """
 
   def __init__(self, logger: MetricsLogger, *, schedule, start_step: int, total_steps: int,
-               tokens_per_step: int, periods: Optional[Mapping[str, Optional[int]]] = None):
+               tokens_per_step: int, periods: Optional[Mapping[str, Optional[int]]] = None,
+               num_processes: int = 1):
     self.logger = logger
+    self.num_processes = num_processes  # examples are counted on this process's shard
+    self._counts = np.zeros(5, np.int64)  # batch_counts summed over the window
     self.schedule = schedule
     self.total_steps = total_steps
     self.tokens_per_step = tokens_per_step
@@ -206,6 +227,10 @@ class TrainLog:
     self.periods = dict(periods or {})
     self._pause_seconds: dict = {}
     self.loss: Optional[float] = None
+
+  def count(self, batch: Mapping[str, Any]) -> None:
+    """Adds a batch (this process's shard) to the window's examples and fill."""
+    self._counts += batch_counts(batch)
 
   def pause(self, kind: str, seconds: float) -> None:
     """A save or an evaluation took `seconds`: not training time."""
@@ -232,8 +257,15 @@ class TrainLog:
     if 'num_tokens' in window:
       window['target_tokens'] = window.pop('num_tokens')
     lr = window.get('learning_rate', float(self.schedule(step - 1)))
+    examples, in_used, in_all, tgt_used, tgt_all = self._counts.tolist()
+    self._counts[:] = 0
+    # Real examples trained per second (all processes); fill: fraction of row positions used.
+    examples_per_sec = examples * self.num_processes * steps_per_sec / len(fetched)
+    fill = (in_used / max(in_all, 1), tgt_used / max(tgt_all, 1))
     self.logger.write(step, dict(window, learning_rate=lr, steps_per_sec=steps_per_sec,
-                                 tokens_per_sec=tokens_per_sec))
-    self.logger.progress(step, self.total_steps, window['loss'], lr, steps_per_sec,
-                         tokens_per_sec, self.eta(step))
+                                 tokens_per_sec=tokens_per_sec,
+                                 examples_per_sec=examples_per_sec, input_fill=fill[0],
+                                 target_fill=fill[1]))
+    self.logger.progress(step, self.total_steps, window['loss'], lr, examples_per_sec, fill,
+                         self.eta(step))
     self.loss = window['loss']

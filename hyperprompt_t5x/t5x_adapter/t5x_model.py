@@ -5,9 +5,9 @@ for `network.Transformer` and carries each example's task id (batch feature
 `task_ids`, [batch] or [batch, 1] int32) through initialisation, the loss,
 scoring and decoding (T5X's `decoding.beam_search` / `temperature_sample`; for
 beams or several samples the ids are expanded like the encoder outputs, with
-`decoding.flat_batch_beam_expand`). T5X calls the module with packing keyword
-arguments (segment ids, positions) the network does not take: rows are never
-packed here (a packed row would mix tasks), so a packed batch is refused.
+`decoding.flat_batch_beam_expand`). A packed batch (seqio's segment ids and
+positions, one task per row: docs/PACKING.md) reaches the network as T5X
+passes it to its own; decoding takes unpacked batches, as in T5X.
 
 Also the T5X-side configuration helpers the gin files in `gin/t5x/` name:
 partitioning rules and Adafactor factor rules for the conditioning's logical
@@ -47,11 +47,13 @@ from t5x import partitioning as t5x_partitioning
 from t5x import state_utils
 
 from hyperprompt_t5x.model import decoding
+from hyperprompt_t5x.model import models
 from hyperprompt_t5x import optim
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
 from hyperprompt_t5x import partitioning
 from hyperprompt_t5x.training import prompt_scale
+from hyperprompt_t5x.training import train_data
 from hyperprompt_t5x.run import run_setup
 from hyperprompt_t5x.checkpoints import t5x_format
 from hyperprompt_t5x.checkpoints import t5x_run_store
@@ -62,9 +64,11 @@ PyTree = Any
 TASK_IDS = 'task_ids'
 
 
-def _feature_converter_cls():
+def _feature_converter_cls(config: network.T5Config):
+  """The tasks' converter; packed rows reserve prompt tuning's prompt positions."""
   from hyperprompt_t5x.tasks import feature_converter  # seqio + TF, like T5X itself
-  return feature_converter.TaskIdEncDecFeatureConverter
+  return functools.partial(feature_converter.TaskIdEncDecFeatureConverter,
+                           prompt_positions=train_data.prompt_positions(config))
 
 
 class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
@@ -72,7 +76,8 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
 
   Constructed like T5X's (gin: `module = @network.Transformer()`, vocabularies,
   `optimizer_def`, `decode_fn`, losses); the feature converter defaults to
-  the tasks' `TaskIdEncDecFeatureConverter` (unpacked, emits `task_ids`).
+  the tasks' `TaskIdEncDecFeatureConverter` (emits `task_ids`; with T5X's
+  `utils.DatasetConfig.pack` it packs one task per row, docs/PACKING.md).
   """
 
   def __init__(self, module: network.Transformer, *args, feature_converter_cls=None,
@@ -81,7 +86,7 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
       raise TypeError(f'HyperPromptEncoderDecoderModel needs a hyperprompt_t5x.model.network.'
                       f'Transformer module, got {type(module).__name__}')
     super().__init__(module, *args,
-                     feature_converter_cls=feature_converter_cls or _feature_converter_cls(),
+                     feature_converter_cls=feature_converter_cls or _feature_converter_cls(module.config),
                      **kwargs)
 
   @property
@@ -92,11 +97,6 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
 
   def _task_ids(self, batch: Mapping[str, jnp.ndarray]) -> Optional[jnp.ndarray]:
     """batch['task_ids'] [batch] or [batch, 1] -> [batch] int32 (None if absent)."""
-    packed = sorted(k for k in batch if k.endswith(('_segment_ids', '_positions')))
-    if packed:
-      raise ValueError(
-          f'packed batch (features {packed}): HyperPrompt rows must not be packed, a '
-          'packed row would mix tasks; set utils.DatasetConfig.pack = False')
     task_ids = batch.get(TASK_IDS)
     if task_ids is None:
       cfg = self.config
@@ -116,16 +116,18 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
 
   def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Any],
                             input_types: Optional[Mapping[str, Any]] = None):
-    """{'params', 'params_axes'} of the network; shapes from T5X's input_shapes."""
+    """{'params', 'params_axes'} of the network; shapes from T5X's input_shapes
+    (with the packing features where it names them, as T5X's init)."""
     input_types = input_types or {}
     batch = input_shapes['encoder_input_tokens'][0]
-    # [batch, input_len], [batch, target_len] dummies; [batch] task ids.
-    enc = jnp.ones(input_shapes['encoder_input_tokens'],
-                   input_types.get('encoder_input_tokens', jnp.int32))
-    dec = jnp.ones(input_shapes['decoder_input_tokens'],
-                   input_types.get('decoder_input_tokens', jnp.int32))
+    # [batch, input_len], [batch, target_len] dummies (and packing features); [batch] ids.
+    enc, dec = (jnp.ones(input_shapes[k], input_types.get(k, jnp.int32))
+                for k in ('encoder_input_tokens', 'decoder_input_tokens'))
+    # Packing dummies: all-padding rows (segment ids 0), valid for every method.
+    packing = {k: jnp.zeros(input_shapes[k], input_types.get(k, jnp.int32))
+               for k in network.PACKING_FEATURES if k in input_shapes}
     return flax.core.freeze(self.module.init(
-        rng, enc, dec, dec, jnp.zeros((batch,), jnp.int32), enable_dropout=False))
+        rng, enc, dec, dec, jnp.zeros((batch,), jnp.int32), **packing, enable_dropout=False))
 
   # -- forward / loss / scores -------------------------------------------------
 
@@ -137,7 +139,7 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     return self.module.apply(
         {'params': params, **(other_variables or {})},
         batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-        batch['decoder_target_tokens'], self._task_ids(batch),
+        batch['decoder_target_tokens'], self._task_ids(batch), **models.packing_features(batch),
         enable_dropout=rngs is not None, rngs=rngs, mutable=mutable)
 
   # -- decoding -------------------------------------------------------------------
@@ -167,6 +169,9 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     """
     if prompt_with_targets:
       raise ValueError('prompt_with_targets is not supported by HyperPrompt models')
+    if models.packing_features(batch):
+      raise ValueError(f'packed batch ({sorted(models.packing_features(batch))}): decoding '
+                       'takes unpacked batches (utils.DatasetConfig.pack = False for infer)')
     if return_all_decodes is None:
       return_all_decodes = self._default_decoder_params.return_all_decodes
     if num_decodes is None:

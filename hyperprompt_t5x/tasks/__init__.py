@@ -46,7 +46,12 @@ Trainer interface::
       GLUE: download_glue_data.py layout (CoLA/dev.tsv, MNLI/dev_matched.tsv,
       ...); SuperGLUE: <Task>/{train,val,test}.jsonl.
   set_temperature(t)  mixing rates = train size ** (1 / t).
-  feature_converter.TaskIdEncDecFeatureConverter  (pack=False only).
+  get_dataset(..., pack=True, prompt_positions=0): packed training rows, one
+      task per row, plus encoder/decoder_segment_ids and _positions (packing.py).
+  mix_examples(task_splits, weights, task_feature_lengths, ...) and
+  batch_examples(examples, task_feature_lengths, batch_size, drop_remainder, pack)
+      the two halves of get_dataset, for any (task, split) list.
+  feature_converter.TaskIdEncDecFeatureConverter  (T5X's FEATURE_CONVERTER_CLS).
 """
 from typing import Optional, Union
 
@@ -60,8 +65,8 @@ from . import vocab
 from .feature_converter import TaskIdEncDecFeatureConverter
 from .free_text import format_inputs, text_fields
 from .mixtures import eval_task_names, set_temperature, task_id, task_names
-from .pipeline import (EvalDataset, compute_metrics, decode_predictions, get_dataset,
-                       get_eval_datasets, get_examples)
+from .pipeline import (EvalDataset, batch_examples, compute_metrics, decode_predictions,
+                       get_dataset, get_eval_datasets, get_examples, mix_examples)
 from .sources import (DataFormatError, GLUE_DIR_ENV, SUPER_GLUE_DIR_ENV, set_data_dirs)
 from .vocab import DEFAULT_SPM_PATH, VOCABULARY_ENV
 

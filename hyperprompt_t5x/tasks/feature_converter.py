@@ -8,23 +8,37 @@ Output: T5X's unpacked encoder-decoder features plus `task_ids`:
   decoder_input_tokens  [len_tgt]  decoder_loss_weights  [len_tgt]
   task_ids              []         (-> [batch] once batched)
 
+With `pack=True` (training) rows are packed per task (packing.py): each row
+holds several examples of one task and gains seqio's `encoder_segment_ids`,
+`encoder_positions`, `decoder_segment_ids`, `decoder_positions`; `task_ids`
+stays one id per row; the targets row is `packing.row_lengths(...)['targets']`.
+
 The same class serves the lean trainer (tasks.get_dataset) and T5X
-(`utils.get_dataset`, `seqio.Evaluator`, as the model's FEATURE_CONVERTER_CLS).
-Rows are never packed (pack=True raises: a packed row would mix tasks).
-`task_feature_lengths` need only 'inputs' and 'targets'.
+(`utils.get_dataset` with `utils.DatasetConfig.pack`, `seqio.Evaluator`, as the
+model's FEATURE_CONVERTER_CLS). `task_feature_lengths` need only 'inputs' and
+'targets'.
 """
 from typing import Mapping
 
 import seqio
 import tensorflow as tf
 
+from . import packing
 from .vocab import TASK_ID_FEATURE
+
+# Examples read per step of the packer (one padded batch: fewer Python round trips).
+_PACKER_CHUNK = 256
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 
 
 class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
-  """`seqio.EncDecFeatureConverter` (unpacked) + `task_id` [1] -> `task_ids` []."""
+  """`seqio.EncDecFeatureConverter` + `task_id` [1] -> `task_ids` []; packs per task.
+
+  `prompt_positions` (packed rows only): encoder positions reserved at the start
+  of each example for the task prompt (prompt tuning's l; see packing.py).
+  `bins`: open rows per task while packing.
+  """
 
   TASK_FEATURES = {
       'inputs': _Spec(dtype=tf.int32),
@@ -39,13 +53,14 @@ class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
       'task_ids': _Spec(dtype=tf.int32, rank=0),
   }
 
-  def __init__(self, pack: bool = False, **kwargs):
-    if pack:
-      raise ValueError(
-          'TaskIdEncDecFeatureConverter does not pack: a packed row could mix tasks and '
-          'each row needs one task id; under T5X set utils.DatasetConfig.pack = False '
-          '(T5X\'s finetune.gin sets it True for train and train_eval).')
-    super().__init__(pack=False, **kwargs)
+  def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False,
+               prompt_positions: int = 0, bins: int = packing.DEFAULT_BINS, **kwargs):
+    del use_custom_packing_ops  # packing.TaskPacker packs, never seqio's packing ops
+    # seqio's own packers need rank-1 features; ours keeps task_ids a scalar per row,
+    # which seqio allows with "custom packing ops".
+    super().__init__(pack=pack, use_custom_packing_ops=pack, **kwargs)
+    self._prompt_positions = int(prompt_positions) if pack else 0
+    self._bins = bins
 
   def __call__(self, ds: tf.data.Dataset,
                task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
@@ -66,12 +81,42 @@ class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
   def _convert_features(self, ds: tf.data.Dataset,
                         task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    if self.pack:
+      return self._packed(ds, task_feature_lengths)
     ds = seqio.utils.trim_and_pad_dataset(ds, task_feature_lengths)
     return ds.map(self._convert_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _packed(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+              ) -> tf.data.Dataset:
+    """Rows of packing.TaskPacker over the example stream, in its order."""
+    lengths = {k: task_feature_lengths[k] for k in ('inputs', 'targets')}
+    rows = packing.row_lengths(lengths)
+    ds = ds.map(lambda ex: {'inputs': ex['inputs'], 'targets': ex['targets'],
+                            'n_in': tf.size(ex['inputs']), 'n_tgt': tf.size(ex['targets']),
+                            'task_id': ex[TASK_ID_FEATURE][0]},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.padded_batch(_PACKER_CHUNK)
+    reserve, bins = self._prompt_positions, self._bins
+
+    def examples():
+      for chunk in ds.as_numpy_iterator():
+        for i, task_id in enumerate(chunk['task_id']):
+          yield (chunk['inputs'][i, :chunk['n_in'][i]],
+                 chunk['targets'][i, :chunk['n_tgt'][i]], task_id)
+
+    def generate():
+      return packing.TaskPacker(lengths, reserve=reserve, bins=bins).pack(examples())
+
+    signature = {k: tf.TensorSpec([rows['inputs' if k.startswith('encoder') else 'targets']],
+                                  tf.int32) for k in packing.ROW_FEATURES}
+    signature['task_ids'] = tf.TensorSpec([], tf.int32)
+    return tf.data.Dataset.from_generator(generate, output_signature=signature)
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]
                                 ) -> Mapping[str, int]:
     lengths = {k: v for k, v in task_feature_lengths.items() if k != TASK_ID_FEATURE}
+    if self.pack:
+      lengths.update(packing.row_lengths(lengths))
     lengths = dict(super().get_model_feature_lengths(lengths))
     lengths['task_ids'] = 1  # a scalar per example; the length is not checked
     return lengths

@@ -5,7 +5,7 @@ for (`mixtures.task_id`), so one task can sit in any mixture; a task asked for
 on its own gets id 0.
 """
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import seqio
@@ -52,11 +52,25 @@ def get_examples(mixture_or_task_name: str, split: str, task_feature_lengths: Ma
   With `num_epochs=None` each task repeats forever; with a number, the mixture
   ends when every task has given all its examples that many times.
   """
-  lengths = _check_lengths(task_feature_lengths)
   names = mixtures.task_names(mixture_or_task_name)
+  if mixture_or_task_name in mixtures.MIXTURE_TASKS:
+    rates = mixtures.rates(mixture_or_task_name)
+    weights = [rates[n] for n in names]
+  else:
+    weights = [1.0] * len(names)
+  return mix_examples([(name, split) for name in names], weights, task_feature_lengths,
+                      shuffle, seed, shard_id, num_shards, num_epochs)
+
+
+def mix_examples(task_splits: Sequence[Tuple[str, str]], weights: Sequence[float],
+                 task_feature_lengths: Mapping[str, int], shuffle: bool = True,
+                 seed: Optional[int] = None, shard_id: int = 0, num_shards: int = 1,
+                 num_epochs: Optional[int] = None) -> tf.data.Dataset:
+  """Examples of registered (task, split) pairs, task id = index, sampled by `weights`."""
+  lengths = _check_lengths(task_feature_lengths)
   shard_info = seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None
   datasets = []
-  for task_id, name in enumerate(names):
+  for task_id, (name, split) in enumerate(task_splits):
     task = seqio.get_mixture_or_task(name)
     ds = task.get_dataset(lengths, split=_task_split(task, split), use_cached=False,
                           shuffle=shuffle, seed=None if seed is None else seed + task_id,
@@ -64,11 +78,7 @@ def get_examples(mixture_or_task_name: str, split: str, task_feature_lengths: Ma
     datasets.append(_with_task_id(ds, task_id))
   if len(datasets) == 1:
     return datasets[0]
-  if mixture_or_task_name in mixtures.MIXTURE_TASKS:
-    rates = mixtures.rates(mixture_or_task_name)
-    weights = np.array([rates[n] for n in names], dtype=np.float64)
-  else:
-    weights = np.ones(len(names))
+  weights = np.array(weights, dtype=np.float64)
   weights = (weights / weights.sum()).tolist()
   # Forever: sample by the rates. A finite number of epochs: every example of
   # every task exactly that often (rates only shape the order).
@@ -79,17 +89,29 @@ def get_examples(mixture_or_task_name: str, split: str, task_feature_lengths: Ma
 def get_dataset(mixture_or_task_name: str, split: str, task_feature_lengths: Mapping[str, int],
                 batch_size: int, shuffle: bool = True, seed: Optional[int] = None,
                 shard_id: int = 0, num_shards: int = 1, num_epochs: Optional[int] = None,
-                drop_remainder: Optional[bool] = None) -> tf.data.Dataset:
+                drop_remainder: Optional[bool] = None, pack: bool = False,
+                prompt_positions: int = 0) -> tf.data.Dataset:
   """Batches of model features (see feature_converter) with `task_ids` [batch].
 
   `drop_remainder` defaults to True for split 'train'. `num_epochs=None`
-  repeats forever.
+  repeats forever. `pack`: rows of several examples of one task each
+  (packing.py), `prompt_positions` encoder positions reserved per example.
   """
   ds = get_examples(mixture_or_task_name, split, task_feature_lengths, shuffle, seed,
                     shard_id, num_shards, num_epochs)
-  ds = feature_converter.TaskIdEncDecFeatureConverter()(ds, _check_lengths(task_feature_lengths))
   if drop_remainder is None:
     drop_remainder = split == 'train'
+  return batch_examples(ds, task_feature_lengths, batch_size, drop_remainder=drop_remainder,
+                        pack=pack, prompt_positions=prompt_positions)
+
+
+def batch_examples(examples: tf.data.Dataset, task_feature_lengths: Mapping[str, int],
+                   batch_size: int, *, drop_remainder: bool, pack: bool = False,
+                   prompt_positions: int = 0) -> tf.data.Dataset:
+  """get_examples' stream -> batches of model features (packed rows with `pack`)."""
+  converter = feature_converter.TaskIdEncDecFeatureConverter(
+      pack=pack, prompt_positions=prompt_positions)
+  ds = converter(examples, _check_lengths(task_feature_lengths))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
 

@@ -36,6 +36,7 @@ import optax
 
 from hyperprompt_t5x.evaluation import analysis
 from hyperprompt_t5x.model import conditioning
+from hyperprompt_t5x.model import models
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
 
@@ -49,7 +50,7 @@ def norm_ratios(config: network.T5Config, params, batch: Mapping[str, Any]) -> R
   enc, tgt = batch['encoder_input_tokens'], batch['decoder_target_tokens']
   _, state = network.Transformer(config).apply(
       {'params': params}, enc, batch['decoder_input_tokens'], tgt, batch.get('task_ids'),
-      enable_dropout=False, mutable=['intermediates'])
+      **models.packing_features(batch), enable_dropout=False, mutable=['intermediates'])
   inter = state['intermediates']
   key_valid = {'encoder': enc > 0, 'decoder': tgt > 0, 'cross': enc > 0}
   num_l = config.prompt_length

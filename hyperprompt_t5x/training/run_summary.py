@@ -16,6 +16,8 @@ from hyperprompt_t5x import optim
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x.model.network import CONDITIONING_KEY
 
+from hyperprompt_t5x.training import train_data
+
 METHOD_TITLES = {'global': 'HyperPrompt-Global', 'share': 'HyperPrompt-Share',
                  'sep': 'HyperPrompt-Sep', 'prompt_tuning': 'multi-task prompt tuning',
                  'hyperformer': 'HyperFormer++', 'none': 'plain multi-task T5 (MTL)'}
@@ -55,9 +57,18 @@ def _line(key: str, value: str) -> str:
                        subsequent_indent=' ' * _KEY, break_on_hyphens=False)
 
 
+def _batch_line(batch_size: int, lengths: Mapping[str, int], pack: bool) -> str:
+  if not pack:
+    return (f'{batch_size} examples of {lengths["inputs"]} input + {lengths["targets"]} '
+            'target tokens (rows not packed)')
+  rows = train_data.row_lengths(lengths, pack)
+  return (f'{batch_size} packed rows of {rows["inputs"]} input + {rows["targets"]} target '
+          'tokens, each several examples of one task (PACK)')
+
+
 def describe(plan, config, *, freeze: str, mixture: str, task_names: Sequence[str],
              batch_size: int, lengths: Mapping[str, int], train_steps: int,
-             start_step: Optional[int], model_dir: str) -> str:
+             start_step: Optional[int], model_dir: str, pack: bool = False) -> str:
   """The summary block (lines of at most 80 columns)."""
   counts = parameter_counts(plan.abstract_state.params, freeze)
   share = 100.0 * counts['added'] / max(counts['total'] - counts['added'], 1)
@@ -74,8 +85,7 @@ def describe(plan, config, *, freeze: str, mixture: str, task_names: Sequence[st
             f'(FREEZE={freeze})'),
       _line('mixture', f'{mixture}: ' + ', '.join(
           f'{i} {name}' for i, name in enumerate(task_names))),
-      _line('batch', f'{batch_size} examples of {lengths["inputs"]} input + '
-            f'{lengths["targets"]} target tokens; {train_steps} steps, {start}'),
+      _line('batch', _batch_line(batch_size, lengths, pack) + f'; {train_steps} steps, {start}'),
       _line('devices', f'{len(devices)} x {", ".join(kinds)} ({jax.process_count()} '
             f'process{"es" if jax.process_count() > 1 else ""}); mesh {mesh}'),
       # Never wrapped: a path and a command are copied as they are.

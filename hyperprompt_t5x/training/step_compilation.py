@@ -20,14 +20,21 @@ from hyperprompt_t5x import partitioning
 from hyperprompt_t5x.run import train_state
 
 
-def batch_spec(mesh, batch_size: int, lengths: Mapping[str, int]) -> dict:
-  """The train batch as sharded ShapeDtypeStructs (the data's features are all int32)."""
+def batch_spec(mesh, batch_size: int, lengths: Mapping[str, int], packed: bool = False) -> dict:
+  """The train batch as sharded ShapeDtypeStructs (the data's features are all int32).
+
+  packed: with seqio's segment ids and positions of both sides (docs/PACKING.md).
+  """
   sharding = partitioning.batch_sharding(mesh)
   shapes = {'encoder_input_tokens': (batch_size, lengths['inputs']),   # [batch, inputs_len]
             'decoder_target_tokens': (batch_size, lengths['targets']),  # [batch, targets_len]
             'decoder_input_tokens': (batch_size, lengths['targets']),
             'decoder_loss_weights': (batch_size, lengths['targets']),
             'task_ids': (batch_size,)}                                   # [batch]
+  if packed:
+    for side, feature in (('encoder', 'inputs'), ('decoder', 'targets')):
+      for kind in ('segment_ids', 'positions'):
+        shapes[f'{side}_{kind}'] = (batch_size, lengths[feature])
   return {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=sharding) for k, v in shapes.items()}
 
 
@@ -39,12 +46,13 @@ class TrainStepBuilder:
   """
 
   def __init__(self, pool: concurrent.futures.Executor, *, freeze: str, batch_size: int,
-               lengths: Mapping[str, int], rng: jax.Array):
+               lengths: Mapping[str, int], rng: jax.Array, packed: bool = False):
     self._pool = pool
     self._freeze = freeze
     self._batch_size = batch_size
     self._lengths = dict(lengths)
     self._rng = rng
+    self._packed = packed
     self.step_fn = None
     self.future: Optional[concurrent.futures.Future] = None
     self.seconds: Optional[float] = None  # how long the compilation took
@@ -59,7 +67,7 @@ class TrainStepBuilder:
   def _compile(self, plan) -> None:
     t0 = time.perf_counter()
     state = train_state.abstract_with_shardings(plan.abstract_state, plan.shardings)
-    batch = batch_spec(plan.mesh, self._batch_size, self._lengths)
+    batch = batch_spec(plan.mesh, self._batch_size, self._lengths, self._packed)
     self.step_fn.jitted.lower(state, batch, self._rng).compile()
     self.seconds = time.perf_counter() - t0
 

@@ -73,6 +73,7 @@ class TrainConfig:
   num_partitions: int = 1
   seed: int = 0
   shuffle: bool = True
+  pack: bool = False
   tensorboard: bool = True
   use_hardware_rng: bool = False
   xla_flags: Optional[str] = None
@@ -94,8 +95,9 @@ def train(config: TrainConfig) -> dict:
   norm ratios are 1 on the first batch; the ratios are logged either way; prompt_scale.py),
   save_period (SAVE_PERIOD),
   eval_period (EVAL_PERIOD; 0 = evaluate only at the end, None = never),
-  num_partitions (NUM_PARTITIONS, the 'model' mesh axis). `config_str` is the
-  operative gin config, saved as MODEL_DIR/config.gin. use_hardware_rng
+  num_partitions (NUM_PARTITIONS, the 'model' mesh axis), pack (PACK: training rows
+  hold several examples of one task each, docs/PACKING.md; evaluation stays
+  unpacked). `config_str` is the operative gin config, saved as MODEL_DIR/config.gin. use_hardware_rng
   (USE_HARDWARE_RNG, as T5X) switches JAX to the `unsafe_rbg` PRNG: much faster
   to compile and run, different random numbers than the default threefry.
   xla_flags (XLA_FLAGS) are added to the XLA_FLAGS environment variable if JAX
@@ -110,6 +112,7 @@ def train(config: TrainConfig) -> dict:
   run_setup.require('save_period', c.save_period, int, positive=True)
   run_setup.require('log_period', c.log_period, int, positive=True)
   run_setup.require('calibrate_prompt_scale', c.calibrate_prompt_scale, bool)
+  run_setup.require('pack', c.pack, bool)
   lengths = run_setup.validate_feature_lengths(c.task_feature_lengths)
   settings = c.settings
   t0 = time.perf_counter()
@@ -182,8 +185,9 @@ def _draw_plots(model_dir: str) -> None:
 
 
 def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings, store,
-            resume_step, batch_size, seed, shuffle, num_partitions, initial_checkpoint_path,
-            eval_split, eval_batch_size, eval_max_examples, rng, on_plan):
+            resume_step, batch_size, seed, shuffle, pack, num_partitions,
+            initial_checkpoint_path, eval_split, eval_batch_size, eval_max_examples, rng,
+            on_plan):
   """(run, inputs, step_fn): the state, the pipelines and the compiled step, in parallel.
 
   The input pipelines are built and the train step compiles in worker threads
@@ -194,9 +198,11 @@ def _set_up(*, model_dir, model_config, mixture_or_task_name, lengths, settings,
     inputs_future = pool.submit(
         train_data.open_inputs, mixture_or_task_name, lengths, batch_size=batch_size,
         seed=seed, skip=resume_step or 0, shuffle=shuffle, eval_split=eval_split,
-        eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples)
+        eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples, pack=pack,
+        reserve=train_data.prompt_positions(model_config))
     builder = step_compilation.TrainStepBuilder(
-        pool, freeze=settings.freeze, batch_size=batch_size, lengths=lengths, rng=rng)
+        pool, freeze=settings.freeze, batch_size=batch_size,
+        lengths=train_data.row_lengths(lengths, pack), rng=rng, packed=pack)
 
     def plan_ready(plan) -> None:
       on_plan(plan)
@@ -257,13 +263,13 @@ def _restore_or_start(c: TrainConfig, lengths: dict, settings, task_names: list,
     describe = lambda plan, start=resume_step: log(run_summary.describe(
         plan, c.model_config, freeze=settings.freeze, mixture=c.mixture_or_task_name,
         task_names=task_names, batch_size=c.batch_size, lengths=lengths,
-        train_steps=c.train_steps, start_step=start, model_dir=c.model_dir))
+        train_steps=c.train_steps, start_step=start, model_dir=c.model_dir, pack=c.pack))
     try:
       return _set_up(
           model_dir=c.model_dir, model_config=c.model_config,
           mixture_or_task_name=c.mixture_or_task_name, lengths=lengths, settings=settings,
           store=store, resume_step=resume_step, batch_size=c.batch_size, seed=c.seed,
-          shuffle=c.shuffle, num_partitions=c.num_partitions,
+          shuffle=c.shuffle, pack=c.pack, num_partitions=c.num_partitions,
           initial_checkpoint_path=c.initial_checkpoint_path,
           eval_split=c.eval_split if c.eval_period is not None else None,
           eval_batch_size=c.eval_batch_size or c.batch_size,
@@ -292,10 +298,11 @@ def _train_holding_model_dir(c: TrainConfig, lengths: dict, settings, t0: float,
   model_dir_files.save_config_files(c.model_dir, c.model_config, c.config_str, start)
   logger = metrics_logging.MetricsLogger(c.model_dir, tensorboard=c.tensorboard,
                                          is_chief=is_chief())
+  rows = train_data.row_lengths(lengths, c.pack)
   train_log = metrics_logging.TrainLog(
       logger, schedule=run.schedule, start_step=start, total_steps=c.train_steps,
-      tokens_per_step=c.batch_size * (lengths['inputs'] + lengths['targets']),
-      periods={'save': c.save_period, 'eval': c.eval_period})
+      tokens_per_step=c.batch_size * (rows['inputs'] + rows['targets']),
+      periods={'save': c.save_period, 'eval': c.eval_period}, num_processes=jax.process_count())
   if validation is not None and evaluator.eval_missing(
       logger, validation, start, c.eval_period, c.train_steps):
     validation.run(run.state.params, start, logger)  # killed after the save, before this eval
@@ -320,6 +327,7 @@ def _steps(c: TrainConfig, run, batches, step_fn, rng, saver, validation, logger
   for step in range(run.start_step, c.train_steps):
     batch = next(batches)
     network.check_task_ids(batch['task_ids'], c.model_config.num_tasks)
+    train_log.count(batch)
     if step == 0 and c.initial_checkpoint_path:
       state = _calibrate_prompt_scale(c.model_config, state, batch, run.mesh,
                                       c.calibrate_prompt_scale)

@@ -146,7 +146,7 @@ def test_bad_batches_get_one_clear_error():
   batch = _batch()
   with pytest.raises(ValueError, match='no "task_ids" feature'):
     model.loss_fn(params, {k: v for k, v in batch.items() if k != 'task_ids'}, None)
-  with pytest.raises(ValueError, match='must not be packed'):
+  with pytest.raises(ValueError, match='given together'):
     model.loss_fn(params, dict(batch, encoder_segment_ids=np.ones((4, 7), np.int32)), None)
   with pytest.raises(TypeError, match='network.Transformer'):
     t5x_model.HyperPromptEncoderDecoderModel(object(), None, None, None)

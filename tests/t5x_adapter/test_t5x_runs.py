@@ -1,9 +1,9 @@
 """Real T5X (`python -m t5x.train`) with this package's gin files.
 
 One short T5X training run (a subprocess of about a minute) serves every test
-here: the README's T5X fine-tuning config (`hyperprompt_small.gin`) from the
-real tiny T5X checkpoint. T5X restores the backbone, step 0 calibrates the
-prompt scale, and the project reads the checkpoints T5X wrote (parameters equal
+here: the README's T5X fine-tuning config (`hyperprompt_small.gin`, packed training
+rows: PACK = True) from the real tiny T5X checkpoint. T5X restores the backbone,
+step 0 calibrates the prompt scale, and the project reads the checkpoints T5X wrote (parameters equal
 T5X's own reader's; `hyperprompt-t5x eval` scores them).
 """
 import json
@@ -53,7 +53,7 @@ def t5x_run(tmp_path_factory, t5x_tiny_checkpoint):
   log = run_t5x('train', 'hyperprompt_small.gin', root, f"MODEL_DIR='{model_dir}'",
                 f"INITIAL_CHECKPOINT_PATH='{initial}'",
                 "MIXTURE_OR_TASK_NAME='hyperprompt_demo'",
-                "TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 2}",
+                "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 2}",  # PACK: several per row
                 f'TRAIN_STEPS={T5X_STEPS}', 'BATCH_SIZE=8', 'RANDOM_SEED=0',
                 'train/utils.DatasetConfig.seed=0',
                 'train.infer_eval_dataset_cfg=None', 'train.train_eval_dataset_cfg=None',
@@ -65,6 +65,11 @@ def t5x_run(tmp_path_factory, t5x_tiny_checkpoint):
 def test_t5x_fine_tunes_a_t5x_checkpoint_and_the_project_reads_its_checkpoints(t5x_run):
   model_dir, log = t5x_run
   assert f'[{T5X_STEPS}] collection=train' in log
+  # hyperprompt_small.gin sets PACK = True: T5X's train batches are packed rows (one task
+  # each), with the targets row packing.row_lengths gives (max(2, 32 // 8) = 4).
+  for feature, shape in (('encoder_segment_ids', '[8, 32]'), ('decoder_positions', '[8, 4]'),
+                         ('task_ids', '[8]')):
+    assert re.search(rf'feature: {feature} \s+shape: {re.escape(shape)}', log), feature
   # T5X saved its pre-loop state (step 0, the restored backbone, fresh conditioning)
   # and the trained one.
   assert_project_reads_t5x_params(model_dir / 'checkpoint_0')

@@ -116,9 +116,7 @@ def test_standalone_task_has_id_zero():
   assert all((b['task_ids'] == 0).all() for b in batches)
 
 
-def test_converter_rejects_packing_and_missing_task_id():
-  with pytest.raises(ValueError, match='does not pack'):
-    TaskIdEncDecFeatureConverter(pack=True)
+def test_converter_rejects_missing_task_id():
   ds = tf.data.Dataset.from_tensors({'inputs': tf.constant([5, 1]), 'targets': tf.constant([6, 1])})
   with pytest.raises(ValueError, match='task_id'):
     TaskIdEncDecFeatureConverter()(ds, {'inputs': 4, 'targets': 4})
