@@ -21,7 +21,7 @@ from hyperprompt_t5x.tasks import packing  # noqa: E402
 from hyperprompt_t5x.tasks.feature_converter import TaskIdEncDecFeatureConverter  # noqa: E402
 from hyperprompt_t5x.training import train_data  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = next(p for p in pathlib.Path(__file__).resolve().parents if (p / 'setup.py').is_file())
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 from bench import kill_harness  # noqa: E402
