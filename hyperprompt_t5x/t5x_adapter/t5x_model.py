@@ -55,6 +55,7 @@ from hyperprompt_t5x.training import prompt_scale
 from hyperprompt_t5x.run import run_setup
 from hyperprompt_t5x.checkpoints import t5x_format
 from hyperprompt_t5x.checkpoints import t5x_run_store
+from hyperprompt_t5x.checkpoints import pretrained
 from hyperprompt_t5x.checkpoints.pretrained import CheckpointError
 
 PyTree = Any
@@ -82,6 +83,9 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     super().__init__(module, *args,
                      feature_converter_cls=feature_converter_cls or _feature_converter_cls(),
                      **kwargs)
+    # Before T5X builds or restores anything: the ids must fit the embedding rows.
+    run_setup.check_vocabulary_fits(self.output_vocabulary.vocab_size,
+                                    module.config.vocab_size, 'this T5X run (gin VOCABULARY)')
 
   @property
   def config(self) -> network.T5Config:
@@ -302,6 +306,8 @@ def _check_checkpoint_params(have_tree, want_tree) -> None:
   have = traverse_util.flatten_dict(flax.core.unfreeze(have_tree), sep='/')
   want = traverse_util.flatten_dict(flax.core.unfreeze(want_tree), sep='/')
   key = network.CONDITIONING_KEY + '/'
+  if all(_shape(tree.get(pretrained.EMBEDDING)) for tree in (have, want)):
+    pretrained.check_embedding_rows(have, want, 'the checkpoint does not fit this model')
   if not any(p.startswith(key) for p in have):  # a backbone checkpoint: fresh conditioning
     want = {p: v for p, v in want.items() if not p.startswith(key)}
   missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
@@ -435,7 +441,7 @@ _UNBOUND_GIN = re.compile(r'Required bindings for `(\S+)` not provided in config
 def one_line_error(exc: BaseException) -> Optional[str]:
   """The one line for a known bad input under T5X (gin REQUIRED unset, a checkpoint
   that does not fit), naming what and where; None for anything else."""
-  if isinstance(exc, CheckpointError):
+  if isinstance(exc, (CheckpointError, run_setup.VocabularySizeError)):
     return str(exc).splitlines()[0]
   text = str(exc).splitlines()[0] if str(exc) else ''
   unset, unbound = _UNSET_GIN.match(text), _UNBOUND_GIN.match(text)

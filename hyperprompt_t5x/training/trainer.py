@@ -232,6 +232,7 @@ def _train(*, model_dir, model_config, mixture_or_task_name, train_steps, t0,
     return _nothing_to_do(model_dir, finished, train_steps, t0)
   from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.maybe_initialize_distributed()
+  run_setup.select_vocabulary(model_dir, mixture_or_task_name)
   task_names, _ = run_setup.mixture_tasks(mixture_or_task_name, model_config, announce=False)
   with model_dir_lock.hold(model_dir, log):
     return _train_holding_model_dir(model_dir=model_dir, model_config=model_config,
@@ -284,6 +285,7 @@ def _train_holding_model_dir(
         max_examples=eval_max_examples, model_dir=model_dir, sets=inputs.eval_sets)
   # Nothing has been written so far; from here on MODEL_DIR is ours.
   model_dir_files.save_config_files(model_dir, model_config, config_str, start)
+  model_dir_files.save_vocabulary(model_dir, run.vocabulary)
   logger = metrics_logging.MetricsLogger(model_dir, tensorboard=tensorboard,
                                          is_chief=is_chief())
   saver = checkpoint_saving.CheckpointSaver(run.store, model_dir, model_config, batch_size)
