@@ -36,10 +36,23 @@ def shared_file(relative: str) -> pathlib.Path:
   """../shared/data/<relative>, or one line naming the missing file."""
   path = SHARED_DATA / relative
   if not path.exists():
-    raise FileNotFoundError(
-        f'{path} is missing: this test reads {relative} from ../shared/data (set '
-        'HYPERPROMPT_SHARED_DATA to the folder that holds it)')
+    raise FileNotFoundError(2, 'missing from ../shared/data (HYPERPROMPT_SHARED_DATA)',
+                            str(path))
   return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """A test that fails because a file of ../shared/data is missing says which, in one line."""
+  outcome = yield
+  report = outcome.get_result()
+  error = call.excinfo.value if call.excinfo is not None else None
+  if report.failed and error is not None and type(error).__name__ in (
+      'FileNotFoundError', 'NotFoundError') and str(SHARED_DATA) in str(error):
+    missing = getattr(error, 'filename', None)
+    report.longrepr = (f'{item.name} needs ../shared/data ({SHARED_DATA}, '
+                       'HYPERPROMPT_SHARED_DATA): '
+                       + (f'{missing} is missing' if missing else str(error).splitlines()[0]))
 
 
 @pytest.fixture(scope='session')

@@ -249,9 +249,11 @@ def prompt_scale_trainer(*, trainer_cls, initial_checkpoint_path: Optional[str] 
       batch = t5x_partitioning.host_local_array_to_global_array(
           batch, partitioner.mesh, partitioner.data_partition_spec)
     params = flax.core.unfreeze(trainer.train_state.params)
+    # Every process measures the global batch, so all compute the same parameters.
     params, message = prompt_scale.calibrate_first_batch(
         model.config, params, batch, calibrate_prompt_scale)
-    logging.info('%s', message)
+    if jax.process_index() == 0:
+      logging.info('%s', message)
     trainer.train_state = trainer.train_state.replace_params(
         flax.core.freeze(params) if isinstance(trainer.train_state.params, flax.core.FrozenDict)
         else params)
