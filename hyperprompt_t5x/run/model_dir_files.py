@@ -37,17 +37,24 @@ def config_dict(config) -> dict:
   return json.loads(json.dumps(fields, default=str))
 
 
-def check_model_dir_matches(model_dir: str, config) -> None:
-  """A MODEL_DIR trained with another model config fails here, before any restore."""
-  path = os.path.join(model_dir, MODEL_CONFIG_FILE)
+def _read_record(model_dir: str, name: str, what: str) -> Optional[dict]:
+  """MODEL_DIR/<name> as JSON (None if absent); unreadable: one ValueError naming it."""
+  path = os.path.join(model_dir, name)
   if not os.path.exists(path):
-    return
+    return None
   try:
     with open(path) as f:
-      saved = json.load(f)
+      return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f'{path} is unreadable ({e}); it records the model of this '
+    raise ValueError(f'{path} is unreadable ({e}); it records {what} of this '
                      'MODEL_DIR') from e
+
+
+def check_model_dir_matches(model_dir: str, config) -> None:
+  """A MODEL_DIR trained with another model config fails here, before any restore."""
+  saved = _read_record(model_dir, MODEL_CONFIG_FILE, 'the model')
+  if saved is None:
+    return
   current = config_dict(config)
   diffs = [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
            for k in sorted(set(saved) | set(current))
@@ -105,14 +112,9 @@ def read_vocabulary(model_dir: str) -> Optional[dict]:
   """The recorded vocabulary of MODEL_DIR (None: none recorded); a SentencePiece
   record gets 'file', its copy in MODEL_DIR, checked against the recorded SHA-256."""
   path = os.path.join(model_dir, VOCABULARY_FILE)
-  if not os.path.isfile(path):
+  record = _read_record(model_dir, VOCABULARY_FILE, 'the vocabulary')
+  if record is None:
     return None
-  try:
-    with open(path) as f:
-      record = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f'{path} is unreadable ({e}); it records the vocabulary of this '
-                     'MODEL_DIR') from e
   if record.get('kind') != 'sentencepiece':
     return record
   copy = os.path.join(model_dir, VOCABULARY_MODEL_FILE)
