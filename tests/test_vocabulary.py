@@ -138,6 +138,8 @@ def test_eval_infer_and_load_use_the_runs_vocabulary(spm_run, vocabulary_unset, 
   assert rc == 0, out
   scored = json.loads((model_dir / f'eval_validation_{STEPS}.json').read_text())
   assert list(scored['tasks']) == [TASK] and scored['tasks'][TASK]['accuracy'] > 0
+  rc, out = main(['analyze', *model_args(model_dir)])
+  assert rc == 0 and (model_dir / 'analysis').is_dir(), out
   inputs = tmp_path / 'inputs.jsonl'
   rows = [{'sentence1': 'A cat sat on the mat.', 'sentence2': 'A cat sat.'},
           {'sentence1': 'The company reported a loss.', 'sentence2': 'It made money.'}]
