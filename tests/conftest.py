@@ -32,10 +32,59 @@ def shared_data() -> pathlib.Path:
   return SHARED_DATA
 
 
+def shared_file(relative: str) -> pathlib.Path:
+  """../shared/data/<relative>, or one line naming the missing file."""
+  path = SHARED_DATA / relative
+  if not path.exists():
+    raise FileNotFoundError(2, 'missing from ../shared/data (HYPERPROMPT_SHARED_DATA)',
+                            str(path))
+  return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """A test that fails because a file of ../shared/data is missing says which, in one line."""
+  outcome = yield
+  report = outcome.get_result()
+  error = call.excinfo.value if call.excinfo is not None else None
+  if report.failed and error is not None and type(error).__name__ in (
+      'FileNotFoundError', 'NotFoundError') and str(SHARED_DATA) in str(error):
+    missing = getattr(error, 'filename', None)
+    report.longrepr = (f'{item.name} needs ../shared/data ({SHARED_DATA}, '
+                       'HYPERPROMPT_SHARED_DATA): '
+                       + (f'{missing} is missing' if missing else str(error).splitlines()[0]))
+
+
 @pytest.fixture(scope='session')
 def t5x_tiny_checkpoint(shared_data) -> pathlib.Path:
   """A real T5X legacy checkpoint of a tiny T5 1.1 (emb 8, 4x3 heads, 2+2 layers)."""
-  return shared_data / 't5x' / 'test_t5_tiny.checkpoint_0'
+  del shared_data
+  return shared_file('t5x/test_t5_tiny.checkpoint_0')
+
+
+# The GLUE training files the test SentencePiece model learns from (T5's learnt from C4).
+SPM_TRAINING_FILES = ('glue/RTE/train.tsv', 'glue/MRPC/train.tsv', 'glue/STS-B/train.tsv',
+                      'glue/WNLI/train.tsv')
+SPM_PIECES = 2000
+SPM_EXTRA_IDS = 28   # sentinels: 2028 ids, fewer than the model's 2048 (or T5's 32128) rows
+
+
+@pytest.fixture(scope='session')
+def sentencepiece_model(tmp_path_factory) -> pathlib.Path:
+  """A SentencePiece model (T5's conventions: pad 0, eos 1, unk 2, no bos) of 2000
+  pieces trained by the sentencepiece package on the text fields of GLUE training files."""
+  import sentencepiece as spm
+  texts = []
+  for relative in SPM_TRAINING_FILES:
+    rows = shared_file(relative).read_text(encoding='utf-8').splitlines()[1:]
+    texts += [field for row in rows for field in row.split('\t')
+              if sum(c.isalpha() for c in field) > 8]
+  prefix = tmp_path_factory.mktemp('spm') / 'glue'
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=SPM_PIECES,
+      model_type='unigram', character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      num_threads=1, minloglevel=2)
+  return prefix.with_suffix('.model')
 
 
 def _session_root(tmp_path_factory) -> pathlib.Path:

@@ -92,6 +92,7 @@ def merge_backbone(fresh_params: Mapping[str, Any],
   if CONDITIONING_KEY in pretrained:
     logging.info('%s: ignoring its %s params (conditioning starts fresh).',
                  source, CONDITIONING_KEY)
+  check_embedding_rows(have, want, source)
   tree_check.check_fits(unflatten_params(have), unflatten_params(want),
                         f'{source}: checkpoint', with_dtype=False, hint=' backbone')
 
@@ -102,6 +103,21 @@ def merge_backbone(fresh_params: Mapping[str, Any],
   # Keep the fresh tree's key order (cosmetic; flax does not care).
   merged = {k: merged[k] for k in fresh if k in merged}
   return {'params': merged} if wrapped else merged
+
+
+EMBEDDING = 'token_embedder/embedding'
+
+
+def check_embedding_rows(have: Mapping[str, Any], want: Mapping[str, Any], source: str) -> None:
+  """One line when the checkpoint's embedding rows (its vocab_size) are not the model's."""
+  if EMBEDDING not in have or EMBEDDING not in want:
+    return
+  rows, model_rows = np.shape(have[EMBEDDING])[0], np.shape(want[EMBEDDING])[0]
+  if rows != model_rows:
+    raise CheckpointError(
+        f'{source}: {rows} embedding rows in the checkpoint, {model_rows} in the model '
+        f'(T5Config.vocab_size = {model_rows}); set T5Config.vocab_size = {rows} to '
+        'fine-tune it (the vocabulary may have fewer ids than the rows)')
 
 
 def _dtype_of(leaf: Any):
@@ -149,7 +165,15 @@ def load_pretrained(path: str, config, fresh_params: Optional[Mapping[str, Any]]
   Raises:
     CheckpointError: unreadable checkpoint, or one that does not fit `config`.
   """
-  backbone = load_backbone(path)
+  if is_hf_t5_directory(os.fspath(path)):
+    hf_config, backbone = load_hf_t5(os.fspath(path))
+    if hf_config.vocab_size != config.vocab_size:
+      raise CheckpointError(
+          f'{os.fspath(path)}: its config.json has vocab_size {hf_config.vocab_size}, the '
+          f'model {config.vocab_size} (T5Config.vocab_size); set T5Config.vocab_size = '
+          f'{hf_config.vocab_size} to fine-tune it')
+  else:
+    backbone = load_t5x_params(os.fspath(path))
   if fresh_params is None:
     fresh_params = init_params(config, seed=seed)
   return merge_backbone(fresh_params, backbone, source=os.fspath(path))

@@ -144,6 +144,43 @@ def validate_feature_lengths(lengths: Any) -> dict:
   return dict(lengths)
 
 
+class VocabularySizeError(ValueError):
+  """The vocabulary has more ids than the model has embedding rows."""
+
+
+def check_vocabulary_fits(vocab_size: int, model_vocab_size: int, what: str) -> None:
+  """More embedding rows than ids is fine (T5: 32128 for 32100); fewer is refused."""
+  if vocab_size > model_vocab_size:
+    raise VocabularySizeError(
+        f'the vocabulary of {what} has {vocab_size} ids but the model has '
+        f'{model_vocab_size} embedding rows (T5Config.vocab_size = {model_vocab_size}); '
+        f'set T5Config.vocab_size >= {vocab_size} or use a smaller vocabulary')
+
+
+def select_vocabulary(model_dir: str, mixture_or_task_name: str) -> None:
+  """A MODEL_DIR that records its vocabulary (model_dir_files.VOCABULARY_FILE) is
+  tokenised with it, HYPERPROMPT_VOCABULARY unset; set to another, one error says so."""
+  record = model_dir_files.read_vocabulary(model_dir)
+  if record is None or record.get('kind') not in ('sentencepiece', 'byte'):
+    return  # a run from before the record, or a T5X run (its gin names it)
+  from hyperprompt_t5x import tasks  # pylint: disable=g-import-not-at-top
+  from hyperprompt_t5x.tasks import vocab  # pylint: disable=g-import-not-at-top
+  if not tasks.shares_vocabulary(mixture_or_task_name):
+    return  # the demo mixtures' own byte vocabulary
+  given = os.environ.get(vocab.VOCABULARY_ENV)
+  if given:
+    current = vocab.describe(vocab.make_vocabulary(None))
+    if not vocab.same(current, record):
+      raise ValueError(
+          f'{vocab.VOCABULARY_ENV}={given} is {vocab.spoken(current)}, but MODEL_DIR '
+          f'{model_dir} was trained with {vocab.spoken(record)} (its '
+          f'{model_dir_files.VOCABULARY_FILE}); unset {vocab.VOCABULARY_ENV} to use the run\'s own')
+  if record['kind'] == 'byte':
+    tasks.set_vocabulary('byte')
+  else:
+    tasks.set_vocabulary(record['file'], record['extra_ids'])
+
+
 def mixture_tasks(mixture_or_task_name: str, config,
                   announce: bool = True) -> tuple[list, Any]:
   """Task names (index = task id) and the vocabulary; checks them against `config`.
@@ -161,10 +198,7 @@ def mixture_tasks(mixture_or_task_name: str, config,
         f'({", ".join(names)}) but the model has num_tasks={config.num_tasks}; '
         f'set --gin.NUM_TASKS={len(names)} (T5Config.num_tasks)')
   vocab = tasks.get_vocabulary(mixture_or_task_name)
-  if vocab.vocab_size > config.vocab_size:
-    raise ValueError(
-        f'the vocabulary of {mixture_or_task_name!r} has {vocab.vocab_size} ids but the '
-        f'model has vocab_size={config.vocab_size} (T5Config.vocab_size)')
+  check_vocabulary_fits(vocab.vocab_size, config.vocab_size, repr(mixture_or_task_name))
   if mixture_or_task_name not in _ANNOUNCED:
     _ANNOUNCED.add(mixture_or_task_name)
     if announce:
@@ -227,6 +261,7 @@ def build_run(*, model_dir: str, config, mixture_or_task_name: str,
   once the shapes and shardings are known, before the (slow) initialisation.
   """
   partitioning.maybe_initialize_distributed()
+  select_vocabulary(model_dir, mixture_or_task_name)
   names, vocab = mixture_tasks(mixture_or_task_name, config)
   inputs_len, targets_len = task_feature_lengths['inputs'], task_feature_lengths['targets']
   mesh = partitioning.make_mesh(num_partitions)
@@ -289,6 +324,7 @@ def restore_for_inference(*, model_dir: str, config, mixture_or_task_name: str,
   MODEL_DIR (anything with `latest_step` and `restore_params`). Writes nothing.
   """
   partitioning.maybe_initialize_distributed()
+  select_vocabulary(model_dir, mixture_or_task_name)
   names, vocab = mixture_tasks(mixture_or_task_name, config)
   inputs_len, targets_len = task_feature_lengths['inputs'], task_feature_lengths['targets']
   mesh = partitioning.make_mesh(num_partitions)

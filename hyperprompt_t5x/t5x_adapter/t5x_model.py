@@ -57,7 +57,7 @@ from hyperprompt_t5x.training import train_data
 from hyperprompt_t5x.run import run_setup
 from hyperprompt_t5x.checkpoints import t5x_format
 from hyperprompt_t5x.checkpoints import t5x_run_store
-from hyperprompt_t5x.checkpoints import step_dirs, tree_check
+from hyperprompt_t5x.checkpoints import pretrained, step_dirs, tree_check
 from hyperprompt_t5x.checkpoints.errors import CheckpointError
 
 PyTree = Any
@@ -88,6 +88,9 @@ class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     super().__init__(module, *args,
                      feature_converter_cls=feature_converter_cls or _feature_converter_cls(module.config),
                      **kwargs)
+    # Before T5X builds or restores anything: the ids must fit the embedding rows.
+    run_setup.check_vocabulary_fits(self.output_vocabulary.vocab_size,
+                                    module.config.vocab_size, 'this T5X run (gin VOCABULARY)')
 
   @property
   def config(self) -> network.T5Config:
@@ -252,9 +255,11 @@ def prompt_scale_trainer(*, trainer_cls, initial_checkpoint_path: Optional[str] 
       batch = t5x_partitioning.host_local_array_to_global_array(
           batch, partitioner.mesh, partitioner.data_partition_spec)
     params = flax.core.unfreeze(trainer.train_state.params)
+    # Every process measures the global batch, so all compute the same parameters.
     params, message = prompt_scale.calibrate_first_batch(
         model.config, params, batch, calibrate_prompt_scale)
-    logging.info('%s', message)
+    if jax.process_index() == 0:
+      logging.info('%s', message)
     trainer.train_state = trainer.train_state.replace_params(
         flax.core.freeze(params) if isinstance(trainer.train_state.params, flax.core.FrozenDict)
         else params)
@@ -308,10 +313,18 @@ def check_checkpoint_fits(state_dict: Mapping[str, Any], target_state_dict=None,
 def _check_checkpoint_params(have_tree, want_tree) -> None:
   have = flax.core.unfreeze(have_tree)
   want = dict(flax.core.unfreeze(want_tree))
+  flat_have, flat_want = (traverse_util.flatten_dict(t, sep='/') for t in (have, want))
+  if all(_shape(tree.get(pretrained.EMBEDDING)) for tree in (flat_have, flat_want)):
+    pretrained.check_embedding_rows(flat_have, flat_want, 'the checkpoint does not fit this model')
   if network.CONDITIONING_KEY not in have:  # a backbone checkpoint: fresh conditioning
     want.pop(network.CONDITIONING_KEY, None)
   tree_check.check_fits(have, want, 'the checkpoint', with_dtype=False,
                         hint=' (another method, size or number of tasks?)')
+
+
+def _shape(leaf) -> Optional[tuple]:
+  shape = getattr(leaf, 'shape', None)
+  return tuple(shape) if isinstance(shape, (tuple, list)) else None
 
 
 # -- project checkpoints under T5X ----------------------------------------------
@@ -428,7 +441,7 @@ _UNBOUND_GIN = re.compile(r'Required bindings for `(\S+)` not provided in config
 def one_line_error(exc: BaseException) -> Optional[str]:
   """The one line for a known bad input under T5X (gin REQUIRED unset, a checkpoint
   that does not fit), naming what and where; None for anything else."""
-  if isinstance(exc, CheckpointError):
+  if isinstance(exc, (CheckpointError, run_setup.VocabularySizeError)):
     return str(exc).splitlines()[0]
   text = str(exc).splitlines()[0] if str(exc) else ''
   unset, unbound = _UNSET_GIN.match(text), _UNBOUND_GIN.match(text)

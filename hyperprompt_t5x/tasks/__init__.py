@@ -35,11 +35,14 @@ Trainer interface::
       (percent; invalid predictions count as wrong).
   get_vocabulary(mixture_or_task_name=None) -> seqio.Vocabulary
       the very object the tasks tokenize with (demo: its ByteVocabulary).
-  set_vocabulary(spec) -> seqio.Vocabulary
+  set_vocabulary(spec, extra_ids=None) -> seqio.Vocabulary
       spec: a seqio.Vocabulary, 'byte', a SentencePiece .model path, or None
       (env var HYPERPROMPT_VOCABULARY, unset = T5's
       gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model);
+      extra_ids: sentinels added to a .model (None: HYPERPROMPT_VOCABULARY_EXTRA_IDS);
       re-registers the GLUE/SuperGLUE tasks and the mixtures.
+  shares_vocabulary(name) -> bool   (False for the demo mixtures: their own bytes)
+  use_vocabulary(name, vocabulary_file=None, extra_ids=None)   (T5X's gin)
   set_data_dirs(glue_dir=None, super_glue_dir=None)
       offline folders (else env vars HYPERPROMPT_GLUE_DIR /
       HYPERPROMPT_SUPER_GLUE_DIR; else TFDS glue/<t>, super_glue/<t>).
@@ -90,11 +93,30 @@ def get_vocabulary(mixture_or_task_name: Optional[str] = None) -> seqio.Vocabula
   return first.output_features['targets'].vocabulary
 
 
-def set_vocabulary(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabulary:
+def set_vocabulary(spec: Union[None, str, seqio.Vocabulary],
+                   extra_ids: Optional[int] = None) -> seqio.Vocabulary:
   """Makes `spec` the GLUE/SuperGLUE vocabulary and re-registers; returns it."""
-  vocabulary = vocab.replace(spec)
+  vocabulary = vocab.replace(spec, extra_ids)
   register_all()
   return vocabulary
+
+
+def shares_vocabulary(mixture_or_task_name: str) -> bool:
+  """Whether the mixture tokenises with the GLUE/SuperGLUE vocabulary (set_vocabulary's)."""
+  return get_vocabulary(mixture_or_task_name) is vocab.current()
+
+
+def use_vocabulary(mixture_or_task_name: str, vocabulary_file: Optional[str] = None,
+                   extra_ids: Optional[int] = None) -> seqio.Vocabulary:
+  """The mixture's vocabulary, after making `vocabulary_file` (a SentencePiece .model
+  or 'byte'; None: HYPERPROMPT_VOCABULARY, else T5's) the GLUE/SuperGLUE one.
+
+  For T5X's gin (gin/t5x/model.gin: VOCABULARY_FILE, VOCABULARY_EXTRA_IDS), so a
+  T5X run's vocabulary is in its config.gin.
+  """
+  if vocabulary_file is not None:
+    set_vocabulary(vocabulary_file, extra_ids)
+  return get_vocabulary(mixture_or_task_name)
 
 
 register_all()

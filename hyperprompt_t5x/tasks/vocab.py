@@ -14,7 +14,12 @@ Chosen by the environment variable `HYPERPROMPT_VOCABULARY`:
 new object (see `tasks/__init__.py`); the demo tasks always use their own
 `seqio.ByteVocabulary`, so ask `get_vocabulary(task_or_mixture_name)` for the
 object a given mixture uses.
+
+`describe(vocabulary)` is what a run records of its vocabulary (kind, ids,
+extra ids, the SentencePiece model's SHA-256); `same(a, b)` compares two such
+records.
 """
+import hashlib
 import os
 from typing import Optional, Union
 
@@ -29,8 +34,12 @@ EXTRA_IDS_ENV = 'HYPERPROMPT_VOCABULARY_EXTRA_IDS'
 DEMO_VOCABULARY = seqio.ByteVocabulary()
 
 
-def make_vocabulary(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabulary:
-  """A vocabulary from a spec: a Vocabulary, 'byte', a .model path, or None (env / default)."""
+def make_vocabulary(spec: Union[None, str, seqio.Vocabulary],
+                    extra_ids: Optional[int] = None) -> seqio.Vocabulary:
+  """A vocabulary from a spec: a Vocabulary, 'byte', a .model path, or None (env / default).
+
+  `extra_ids`: sentinel ids added to a SentencePiece model (None: the env var, else 0).
+  """
   if isinstance(spec, seqio.Vocabulary):
     return spec
   if spec is None:
@@ -46,8 +55,46 @@ def make_vocabulary(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabular
         f'SentencePiece model {spec!r} does not exist (from {VOCABULARY_ENV} or '
         'set_vocabulary); set it to a .model file, to "byte", or unset it for '
         f'T5\'s {DEFAULT_SPM_PATH}.')
-  extra_ids = int(os.environ.get(EXTRA_IDS_ENV, '0'))
+  if extra_ids is None:
+    extra_ids = int(os.environ.get(EXTRA_IDS_ENV, '0'))
   return seqio.SentencePieceVocabulary(spec, extra_ids=extra_ids)
+
+
+def describe(vocabulary: seqio.Vocabulary) -> dict:
+  """What a run records of its vocabulary: {'kind', 'vocab_size'[, 'extra_ids',
+  'pieces', 'sha256', 'source']} (SentencePiece: reads the model)."""
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    return {'kind': 'byte', 'vocab_size': vocabulary.vocab_size}
+  if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    return {'kind': type(vocabulary).__name__, 'vocab_size': vocabulary.vocab_size}
+  return {'kind': 'sentencepiece', 'vocab_size': vocabulary.vocab_size,
+          'pieces': vocabulary.vocab_size - vocabulary.extra_ids,
+          'extra_ids': vocabulary.extra_ids,
+          'sha256': hashlib.sha256(sp_model_bytes(vocabulary)).hexdigest(),
+          'source': vocabulary.sentencepiece_model_file}
+
+
+def same(a: dict, b: dict) -> bool:
+  """Two `describe` records tokenise alike (the model file's path may differ)."""
+  keys = ('kind', 'vocab_size', 'extra_ids', 'sha256')
+  return all(a.get(k) == b.get(k) for k in keys)
+
+
+def spoken(record: dict) -> str:
+  """'sentencepiece /x/spm.model (2000 pieces + 28 extra ids)' / 'byte (384 ids)'."""
+  if record.get('kind') == 'sentencepiece':
+    return (f'sentencepiece {record.get("source")} ({record.get("pieces")} pieces + '
+            f'{record.get("extra_ids")} extra ids)')
+  return f'{record.get("kind")} ({record.get("vocab_size")} ids)'
+
+
+def sp_model_bytes(vocabulary: seqio.Vocabulary) -> Optional[bytes]:
+  """The .model file of a SentencePiece `vocabulary` as given (seqio's `sp_model`
+  has the extra ids added); None for other kinds."""
+  if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    return None
+  with tf.io.gfile.GFile(vocabulary.sentencepiece_model_file, 'rb') as f:
+    return f.read()
 
 
 class _Current:
@@ -61,9 +108,10 @@ def current() -> seqio.Vocabulary:
   return _Current.vocabulary
 
 
-def replace(spec: Union[None, str, seqio.Vocabulary]) -> seqio.Vocabulary:
+def replace(spec: Union[None, str, seqio.Vocabulary],
+            extra_ids: Optional[int] = None) -> seqio.Vocabulary:
   """Makes `spec` the current vocabulary (the caller re-registers the tasks)."""
-  _Current.vocabulary = make_vocabulary(spec)
+  _Current.vocabulary = make_vocabulary(spec, extra_ids)
   return _Current.vocabulary
 
 

@@ -196,6 +196,8 @@ def hold(model_dir: str, log=print) -> ModelDirLock:
       lock.acquire()
     except ModelDirLockedError as e:
       error = str(e)
+  else:
+    lock._acquired = True  # process 0 holds it for all; `with` must not take it again  # pylint: disable=protected-access
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top

@@ -248,6 +248,7 @@ def _train(c: TrainConfig, lengths: dict, settings, t0: float) -> dict:
   if finished is not None:
     return _nothing_to_do(c.model_dir, finished, c.train_steps, t0)
   partitioning.maybe_initialize_distributed()
+  run_setup.select_vocabulary(c.model_dir, c.mixture_or_task_name)
   task_names, _ = run_setup.mixture_tasks(c.mixture_or_task_name, c.model_config,
                                           announce=False)
   with model_dir_lock.hold(c.model_dir, log):
@@ -296,6 +297,7 @@ def _train_holding_model_dir(c: TrainConfig, lengths: dict, settings, t0: float,
         model_dir=c.model_dir, sets=inputs.eval_sets)
   # Nothing has been written so far; from here on MODEL_DIR is ours.
   model_dir_files.save_config_files(c.model_dir, c.model_config, c.config_str, start)
+  model_dir_files.save_vocabulary(c.model_dir, run.vocabulary)
   logger = metrics_logging.MetricsLogger(c.model_dir, tensorboard=c.tensorboard,
                                          is_chief=is_chief())
   rows = train_data.row_lengths(lengths, c.pack)

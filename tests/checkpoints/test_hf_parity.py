@@ -4,6 +4,7 @@ A random HF T5 1.1 (gated-gelu) is built here from a `T5Config`, saved as
 safetensors, read back through `load_hf_t5`, and both models run the same
 padded batch in float32: logits agree to 1e-5 relative.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -219,3 +220,16 @@ def test_missing_directory_and_weights(tmp_path):
     pretrained.load_hf_t5(tmp_path)
   assert not pretrained.is_hf_t5_directory(tmp_path)
   assert os.listdir(tmp_path) == ['config.json']  # nothing written
+
+
+def test_vocab_size_other_than_the_models_is_one_line(tmp_path):
+  """A Hugging Face directory whose config.json vocab_size is not T5Config.vocab_size."""
+  model = _hf_model(seed=7, vocab_size=32, d_model=8, d_kv=4, num_heads=2, d_ff=16,
+                    num_layers=1, num_decoder_layers=1)
+  model.save_pretrained(tmp_path)
+  config, _ = pretrained.load_hf_t5(tmp_path)
+  other = dataclasses.replace(config, vocab_size=48)
+  with pytest.raises(CheckpointError) as e:
+    pretrained.load_pretrained(tmp_path, other)
+  assert str(e.value) == (f'{tmp_path}: its config.json has vocab_size 32, the model 48 '
+                          '(T5Config.vocab_size); set T5Config.vocab_size = 32 to fine-tune it')

@@ -9,7 +9,7 @@ import pytest
 try:
   import t5x  # noqa: F401  pylint: disable=unused-import
 except ImportError:
-  pytest.skip('t5x not importable (install it with ../shared/vendor/install-t5x.sh)',
+  pytest.skip('t5x not importable (install it with scripts/install_t5x.sh)',
               allow_module_level=True)
 
 import seqio  # noqa: E402
@@ -32,7 +32,7 @@ def _config(method):
 
 
 def _t5x_model(config, decode_fn=t5x_decoding.beam_search):
-  vocab = seqio.ByteVocabulary()
+  vocab = seqio.PassThroughVocabulary(config.vocab_size, eos_id=1)  # ids = the tiny model's rows
   return t5x_model.HyperPromptEncoderDecoderModel(
       network.Transformer(config), vocab, vocab, t5x_optimizers.sgd(0.1),
       decode_fn=decode_fn, z_loss=1e-4, loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
@@ -289,3 +289,34 @@ def test_prompt_scale_trainer_switch_must_be_a_bool():
   with pytest.raises(ValueError, match='calibrate_prompt_scale must be a bool.*'
                                        'CALIBRATE_PROMPT_SCALE'):
     t5x_model.prompt_scale_trainer(trainer_cls=_FakeTrainer, calibrate_prompt_scale='no')
+
+
+def test_a_vocabulary_larger_than_the_model_is_one_line_under_t5x():
+  """Checked as the model is built (gin's MODEL), before T5X restores or writes anything;
+  T5X's entry points print one_line_error's line and exit 2."""
+  config = _config('global')
+  big = seqio.PassThroughVocabulary(config.vocab_size + 1, eos_id=1)
+  with pytest.raises(ValueError) as e:
+    t5x_model.HyperPromptEncoderDecoderModel(network.Transformer(config), big, big,
+                                             t5x_optimizers.sgd(0.1))
+  assert t5x_model.one_line_error(e.value) == (
+      f'the vocabulary of this T5X run (gin VOCABULARY) has {config.vocab_size + 1} ids but '
+      f'the model has {config.vocab_size} embedding rows (T5Config.vocab_size = '
+      f'{config.vocab_size}); set T5Config.vocab_size >= {config.vocab_size + 1} or use a '
+      'smaller vocabulary')
+  # More rows than ids is T5's own case (32128 rows for 32100 ids): accepted.
+  fewer = seqio.PassThroughVocabulary(config.vocab_size - 4, eos_id=1)
+  t5x_model.HyperPromptEncoderDecoderModel(network.Transformer(config), fewer, fewer,
+                                           t5x_optimizers.sgd(0.1))
+
+
+def test_a_checkpoint_of_other_embedding_rows_is_one_line_under_t5x():
+  have = {'target': {'token_embedder': {'embedding': np.zeros((32128, 8), np.float32)}}}
+  want = {'target': {'token_embedder': {'embedding': jax.ShapeDtypeStruct((2048, 8),
+                                                                          jnp.float32)}}}
+  with pytest.raises(ValueError) as e:
+    t5x_model.check_checkpoint_fits(have, want)
+  assert t5x_model.one_line_error(e.value) == (
+      'the checkpoint does not fit this model: 32128 embedding rows in the checkpoint, 2048 '
+      'in the model (T5Config.vocab_size = 2048); set T5Config.vocab_size = 32128 to '
+      'fine-tune it (the vocabulary may have fewer ids than the rows)')

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip(
-    't5x', reason='t5x not importable (install it with ../shared/vendor/install-t5x.sh)')
+    't5x', reason='t5x not importable (install it with scripts/install_t5x.sh)')
 
 from hyperprompt_t5x.cli import commands  # noqa: E402
 

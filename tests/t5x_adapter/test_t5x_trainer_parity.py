@@ -13,7 +13,7 @@ import pytest
 try:
   import t5x  # noqa: F401  pylint: disable=unused-import
 except ImportError:
-  pytest.skip('t5x not importable (install it with ../shared/vendor/install-t5x.sh)',
+  pytest.skip('t5x not importable (install it with scripts/install_t5x.sh)',
               allow_module_level=True)
 
 import seqio  # noqa: E402
