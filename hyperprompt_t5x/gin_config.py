@@ -161,16 +161,25 @@ def register() -> dict[str, Any]:
   return _REGISTERED
 
 
+def macro_value(value: str) -> Any:
+  """What `--gin.NAME=value` sets NAME to, for every command alike.
+
+  A Python literal is itself (`8`, `None`, `{'inputs': 8, 'targets': 2}`, and
+  T5X's quoted `"'/runs/demo'"` is the string /runs/demo); any other text is
+  that string (`/runs/demo`, `share`).
+  """
+  try:
+    return ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return value
+
+
 def _literal(value: str) -> str:
-  """A `--gin.X=value` value as gin text: literals and references as is, else a string."""
+  """A `--gin.X=value` value as gin text: references as is, else `macro_value`'s repr."""
   text = value.strip()
   if text.startswith(('@', '%')):
     return text
-  try:
-    ast.literal_eval(text)
-    return text
-  except (ValueError, SyntaxError):
-    return repr(value)
+  return repr(macro_value(value))
 
 
 def defined_macros() -> list[str]:

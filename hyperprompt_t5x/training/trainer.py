@@ -348,7 +348,8 @@ def _train_holding_model_dir(
   if validation is not None and validation.last is not None:
     summary['eval'] = validation.last
     if is_chief():
-      print(evaluator.format_table(validation.last, validation.best), flush=True)
+      print(evaluator.format_table(validation.last, validation.best,
+                                   step=validation.last_step), flush=True)
   _draw_plots(model_dir)
   first = (f', first step after {seconds_to_first_step:.1f} s'
            if seconds_to_first_step is not None else '')
