@@ -51,8 +51,9 @@ def choice(options) -> Spec:
   return Spec('one of ' + ', '.join(repr(o) for o in options), lambda v: v in tuple(options))
 
 
-def text(optional: Optional[str] = None) -> Spec:
-  words = 'a non-empty string' + (f', or None ({optional})' if optional else '')
+def text(kind: str, optional: Optional[str] = None) -> Spec:
+  """A non-empty string (described as `kind`); `optional`: None too, meaning this."""
+  words = kind + (f', or None ({optional})' if optional else '')
   return Spec(words, lambda v: (optional is not None and v is None)
               or (isinstance(v, str) and bool(v.strip())))
 
@@ -64,18 +65,18 @@ LENGTHS = Spec("{'inputs': integer >= 1, 'targets': integer >= 1}",
 
 SPECS = {
     # runs/finetune.gin
-    'MODEL_DIR': text(),
-    'MIXTURE_OR_TASK_NAME': text(),
+    'MODEL_DIR': text('a folder path (local or gs://)'),
+    'MIXTURE_OR_TASK_NAME': text('a registered task or mixture name'),
     'TASK_FEATURE_LENGTHS': LENGTHS,
     'TRAIN_STEPS': integer(1),
     'BATCH_SIZE': integer(1),
-    'INITIAL_CHECKPOINT_PATH': text('start from scratch'),
+    'INITIAL_CHECKPOINT_PATH': text('a checkpoint path', 'start from scratch'),
     'RESTORE_OPTIMIZER_STATE': BOOLEAN,
     'CALIBRATE_PROMPT_SCALE': BOOLEAN,
     'SAVE_PERIOD': integer(1),
     'KEEP_CHECKPOINTS': integer(1, 'keep all'),
     'EVAL_PERIOD': integer(0, 'never evaluate'),
-    'EVAL_SPLIT': text(),
+    'EVAL_SPLIT': text('a split name, e.g. \'validation\''),
     'EVAL_BATCH_SIZE': integer(1, 'BATCH_SIZE'),
     'EVAL_MAX_EXAMPLES': integer(1, 'the whole split'),
     'LOG_PERIOD': integer(1),
@@ -90,10 +91,10 @@ SPECS = {
     'NUM_PARTITIONS': integer(1),
     'SEED': integer(0),
     'USE_HARDWARE_RNG': BOOLEAN,
-    'XLA_FLAGS': text('none'),
+    'XLA_FLAGS': text('XLA flags in one string', 'none'),
     # runs/eval.gin, runs/infer.gin
-    'CHECKPOINT_PATH': text('the newest checkpoint in MODEL_DIR'),
-    'INFER_OUTPUT_PATH': text('MODEL_DIR/predictions_<split>_<step>.jsonl'),
+    'CHECKPOINT_PATH': text('a MODEL_DIR/checkpoint_<step> path', 'the newest in MODEL_DIR'),
+    'INFER_OUTPUT_PATH': text('a file path', 'MODEL_DIR/predictions_<split>_<step>.jsonl'),
     # methods/conditioning.gin, models/*.gin
     'METHOD': choice(gin_config.METHOD_NAMES),
     'NUM_TASKS': integer(1),

@@ -13,6 +13,7 @@ import textwrap
 from typing import Sequence
 
 from hyperprompt_t5x import gin_config
+from hyperprompt_t5x.cli import macro_checks
 
 # The gin files each command reads when no --gin_file is given.
 COMMAND_FILES = {
@@ -81,9 +82,12 @@ def format_macros(macros: dict, width: int = 80) -> str:
   for macro in sorted(macros.values(), key=lambda m: m.name):
     value = 'REQUIRED' if macro.value == '%gin.REQUIRED' else macro.value
     lines.append(f'  --gin.{macro.name}={value}')
-    if macro.meaning:
-      lines.append(textwrap.fill(macro.meaning, width, initial_indent=' ' * 6,
-                                 subsequent_indent=' ' * 6))
+    spec = macro_checks.SPECS.get(macro.name)
+    meaning = ' '.join(part for part in (
+        macro.meaning, f'(accepts {spec.accepted})' if spec else '') if part)
+    if meaning:
+      lines.append(textwrap.fill(meaning, width, initial_indent=' ' * 6,
+                                 subsequent_indent=' ' * 6, break_long_words=False))
   return '\n'.join(lines)
 
 
