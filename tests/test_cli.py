@@ -86,6 +86,17 @@ def test_config_errors_are_one_line_and_touch_nothing(argv, message, tmp_path, c
   assert snapshot(model_dir) == before
 
 
+@pytest.mark.parametrize('content, message', [
+    (b"TRAIN_STEPS = 5\n# caf\xe9\n", 'line 2: bytes are not UTF-8'),
+    (b"TRAIN_STEPS = \n", 'bad gin file')])
+def test_a_bad_gin_file_is_named(content, message, tmp_path, capsys):
+  path = tmp_path / 'mine.gin'
+  path.write_bytes(content)
+  assert commands.main(['train', f'--gin_file={path}']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message in err and path.name in err, err
+
+
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path, capsys):
   assert commands.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={tmp_path / "none"}']) == 2
   assert 'no checkpoint' in capsys.readouterr().err

@@ -48,7 +48,7 @@ def read_macros(gin_files: Sequence[str], search_paths: Sequence[str] = ()) -> d
     seen_depth[0] += 1
     path = gin_config.resolve_gin_file(name, search_paths)
     last = None
-    for line in path.read_text().splitlines():
+    for line in gin_config.read_gin_text(path).splitlines():
       include = _INCLUDE.match(line)
       if include:
         read(include.group(1))
