@@ -3,8 +3,9 @@
 Each eval is a fresh process (`t5x eval --gin.MODEL_DIR=DIR`, the run's own
 config) with HYPERPROMPT_COMPILATION_CACHE pointing at a new, empty folder: the
 first run compiles and fills it, the second reads its programs from it. A third
-run with the cache off is the reference. Prints the wall times and the cache's
-entries.
+run with the cache off is the reference. Prints the wall times, the cache's
+entries and the machine's load (the rest of an eval's time is Python and
+TensorFlow start-up and the input pipeline, which no compilation cache removes).
 
   python bench/eval_cache.py [--model_dir DIR]   # default: trains the demo in a temp dir
 """
@@ -53,6 +54,7 @@ def main() -> None:
     print(f'eval, same shapes again (reads them): {second:.1f} s '
           f'({len(list(cache.iterdir())) - entries} new entries)')
     print(f'eval, cache off: {off:.1f} s')
+    print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end')
   finally:
     shutil.rmtree(work, ignore_errors=True)
 

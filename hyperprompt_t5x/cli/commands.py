@@ -3,9 +3,9 @@
   t5x train --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
   t5x train --gin_file=hyperprompt_base.gin --gin.MODEL_DIR=gs://... \\
       --gin.INITIAL_CHECKPOINT_PATH=gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000
-  t5x eval  --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
-  t5x infer --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
-  t5x analyze --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo   (attention mass on prompts)
+  t5x eval  --gin.MODEL_DIR=/tmp/demo      (a trained run: its own config.gin is used)
+  t5x infer --gin.MODEL_DIR=/tmp/demo
+  t5x analyze --gin.MODEL_DIR=/tmp/demo    (attention mass on prompts)
   t5x infer --gin.MODEL_DIR=/tmp/demo --input_file=words.txt --task=hyperprompt_demo_max
   t5x params --gin_file=hyperprompt_base.gin [--json]
   t5x plot  --gin.MODEL_DIR=/tmp/demo
@@ -19,6 +19,12 @@ before any backend starts; if it cannot start, the run falls back to CPU with a
 warning. Usage and configuration errors exit with status 2 and one line on
 stderr (HYPERPROMPT_TRACEBACK=1 shows the traceback). TensorFlow (the input
 pipelines) is imported quietly and kept off the GPUs.
+
+stdout carries results only (train: its console); status lines go to stderr.
+A macro's value is read the same way everywhere (`gin_config.macro_value`:
+--gin.MODEL_DIR=/x and T5X's --gin.MODEL_DIR="'/x'" alike) and checked against
+its accepted values (`macro_checks.SPECS`) before anything runs. JAX's
+persistent compilation cache is on (compilation_cache.py). docs/CLI.md.
 """
 from __future__ import annotations
 
@@ -62,7 +68,9 @@ def _parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
   parser.add_argument('--input_file',
                       help='infer: decode your own inputs instead of a split: .jsonl (one '
                       'object of the task\'s fields, or a string, per line) or .txt (one '
-                      'input per line); predictions go to stdout as JSONL')
+                      'input per line); stdout gets one JSON line per input line, in order: '
+                      '{"input", "prediction", "task"}, or for an empty or blank line '
+                      '{"input", "error": "empty input", "task"}')
   parser.add_argument('--task', help='infer --input_file: the task (its input format and '
                       'task id), e.g. hyperprompt_demo_max')
   parser.add_argument('--truncate', action='store_true',
