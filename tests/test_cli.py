@@ -206,7 +206,7 @@ BAD_MACROS = [
     ('NUM_TASKS', '0'), ('PROMPT_LENGTH', '0'), ('BOTTLENECK', '1.5'), ('ADAPTER_DIM', 'True'),
     # optional integers (None means something)
     ('EVAL_PERIOD', '-1'), ('KEEP_CHECKPOINTS', '0'), ('EVAL_MAX_EXAMPLES', '0'),
-    ('EVAL_BATCH_SIZE', 'all'),
+    ('EVAL_BATCH_SIZE', 'None'),
     # numbers with a range
     ('LEARNING_RATE', 'fast'), ('LEARNING_RATE', '0'), ('WEIGHT_DECAY', '-0.1'),
     ('Z_LOSS', 'nan'), ('LABEL_SMOOTHING', '1.0'), ('DROPOUT_RATE', '1.5'),

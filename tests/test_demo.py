@@ -257,6 +257,10 @@ def test_python_api_predict_and_score(demo_run, capfd):
     with pytest.raises(error, match=message):
       call()
   assert len(model.predict(['abcdefgh'], task='hyperprompt_demo_max', truncate=True)) == 1
+  capfd.readouterr()
+  hyperprompt_t5x.load(str(demo_run / f'checkpoint_{STEPS}'), verbose=True)
+  out, err = capfd.readouterr()
+  assert out == '' and f'loaded {demo_run} at step {STEPS}' in err
 
 
 def test_infer_on_the_users_own_texts(demo_run, tmp_path, capsys):

@@ -77,7 +77,7 @@ SPECS = {
     'KEEP_CHECKPOINTS': integer(1, 'keep all'),
     'EVAL_PERIOD': integer(0, 'never evaluate'),
     'EVAL_SPLIT': text('a split name, e.g. \'validation\''),
-    'EVAL_BATCH_SIZE': integer(1, 'BATCH_SIZE'),
+    'EVAL_BATCH_SIZE': integer(1),
     'EVAL_MAX_EXAMPLES': integer(1, 'the whole split'),
     'LOG_PERIOD': integer(1),
     'OPTIMIZER': choice(optim.OPTIMIZERS),
