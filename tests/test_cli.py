@@ -236,6 +236,16 @@ def test_each_macro_is_checked_by_name_before_anything_runs(name, text, tmp_path
   assert not model_dir.exists()
 
 
+def test_infer_on_own_texts_checks_its_macros_too(tmp_path, capsys):
+  words = tmp_path / 'words.txt'
+  words.write_text('fbhde\n')
+  assert commands.main(['infer', f'--gin.MODEL_DIR={tmp_path}', '--task=t',
+                        f'--input_file={words}', '--gin.CHECKPOINT_PATH=3']) == 2
+  assert capsys.readouterr().err.strip() == (
+      f'error: CHECKPOINT_PATH=3 is not accepted: CHECKPOINT_PATH takes '
+      f'{macro_checks.SPECS["CHECKPOINT_PATH"].accepted}')
+
+
 def test_every_shipped_macro_has_a_spec_and_a_docs_row():
   """The CLI's gin files (not gin/t5x/, which T5X reads) define no macro without a spec;
   docs/CLI.md lists each with its accepted values; --help shows them."""

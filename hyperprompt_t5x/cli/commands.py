@@ -89,7 +89,7 @@ def _help(rest: Sequence[str]) -> str:
   if known.command not in COMMANDS:
     return _parser().format_help()
   from hyperprompt_t5x.cli import macro_help  # pylint: disable=g-import-not-at-top
-  search = [p for entry in known.gin_search_paths for p in entry.split(',') if p]
+  search = _search_paths(known)
   return _parser(macro_help.command_help(known.command, known.gin_file, search)).format_help()
 
 
@@ -223,8 +223,13 @@ def run(argv: Sequence[str]) -> int:
     return _run(args, macros)
 
 
+def _search_paths(args) -> list:
+  """--gin_search_paths, repeated or comma-separated, as one list."""
+  return [p for entry in args.gin_search_paths for p in entry.split(',') if p]
+
+
 def _run(args, macros) -> int:
-  search = [p for entry in args.gin_search_paths for p in entry.split(',') if p]
+  search = _search_paths(args)
   given = _given_model_dir(macros)
   if args.command in ('plot', 'infer') and not args.gin_file and (
       args.command == 'plot' or args.input_file):
@@ -275,15 +280,15 @@ def _run_on_model_dir(args, macros) -> int:
     raise UsageError('infer --input_file needs --task=NAME (the task whose input format '
                      'and task id to use)')
   from hyperprompt_t5x.evaluation import predictor  # pylint: disable=g-import-not-at-top
+  macro_checks.check_given(macros)
   texts = predictor.read_input_file(args.input_file)
   quiet_tensorflow.import_tensorflow()
   select_platform(args.platform)
   compilation_cache.enable()
   checkpoint = dict(macros).get('CHECKPOINT_PATH')
   checkpoint = gin_config.macro_value(checkpoint) if checkpoint is not None else None
-  search = [p for entry in args.gin_search_paths for p in entry.split(',') if p]
   model = predictor.load(
-      checkpoint or model_dir, gin_files=args.gin_file, gin_search_paths=search,
+      checkpoint or model_dir, gin_files=args.gin_file, gin_search_paths=_search_paths(args),
       macros=[(k, v) for k, v in macros if k not in ('MODEL_DIR', 'CHECKPOINT_PATH')],
       verbose=True)
   predictions = model.predict(texts, task=args.task, truncate=args.truncate)

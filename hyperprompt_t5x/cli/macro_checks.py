@@ -123,3 +123,11 @@ def check_defined() -> None:
     message = problem(name, value)
     if message:
       raise gin_config.GinConfigError(message)
+
+
+def check_given(macros) -> None:
+  """Checks `--gin.NAME=value` pairs themselves (where no gin config is parsed yet)."""
+  for name, text in macros:
+    message = problem(name, gin_config.macro_value(text))
+    if message:
+      raise gin_config.GinConfigError(message)
