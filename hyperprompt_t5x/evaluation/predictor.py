@@ -26,8 +26,6 @@ from hyperprompt_t5x import compilation_cache
 from hyperprompt_t5x.run import metrics_logging
 
 _BATCH = 32  # rows per decoding / scoring call (rounded up to the data-parallel size)
-
-
 EMPTY_INPUT = 'empty input'  # the answer to an empty or blank input (CLI and predict)
 
 
