@@ -8,11 +8,13 @@ trained run as a Python object) imports them when called.
 __version__ = '0.1.0'
 
 
-def load(model_dir: str, checkpoint_step=None):
+def load(model_dir: str, checkpoint_step=None, **options):
   """A trained run, restored: `.predict(texts, task=...)`, `.score(texts, targets, task=...)`.
 
   `model_dir`: a MODEL_DIR written by `hyperprompt-t5x train` (its newest
-  checkpoint) or MODEL_DIR/checkpoint_<step>. See `hyperprompt_t5x.evaluation.predictor`.
+  checkpoint) or MODEL_DIR/checkpoint_<step>. Prints nothing unless
+  `verbose=True` (status lines to stderr). Other options (`gin_files`,
+  `macros`, ...): `hyperprompt_t5x.evaluation.predictor.load`.
   """
   from hyperprompt_t5x.evaluation import predictor  # pylint: disable=g-import-not-at-top
-  return predictor.load(model_dir, checkpoint_step)
+  return predictor.load(model_dir, checkpoint_step, **options)

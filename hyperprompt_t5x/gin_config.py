@@ -64,6 +64,18 @@ def resolve_gin_file(name: str, extra_search_paths: Iterable[str] = ()) -> pathl
       + ', '.join(str(t) for t in tried))
 
 
+def read_gin_text(path: pathlib.Path) -> str:
+  """A gin file's text; unreadable or not UTF-8 -> GinConfigError naming the file."""
+  try:
+    return path.read_text(encoding='utf-8')
+  except UnicodeDecodeError as e:
+    line = path.read_bytes()[:e.start].count(b'\n') + 1
+    raise GinConfigError(f'gin file {path} line {line}: bytes are not UTF-8 ({e.reason}); '
+                         'save it as UTF-8') from e
+  except OSError as e:
+    raise GinConfigError(f'gin file {path} cannot be read: {e.strerror or e}') from e
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
   """' (did you mean 'X'?)' for the closest candidate, or ''."""
   close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
@@ -86,7 +98,7 @@ def _chooses_method(path: pathlib.Path, extra_search_paths: Sequence[str],
                     depth: int = 0) -> Optional[str]:
   """Where `path` sets METHOD / T5Config.method: itself, the include that does, or None."""
   via = None
-  for line in path.read_text().splitlines():
+  for line in read_gin_text(path).splitlines():
     if _SETS_METHOD.match(line):
       return path.name
     include = _INCLUDE.match(line)
@@ -159,16 +171,25 @@ def register() -> dict[str, Any]:
   return _REGISTERED
 
 
+def macro_value(value: str) -> Any:
+  """What `--gin.NAME=value` sets NAME to, for every command alike.
+
+  A Python literal is itself (`8`, `None`, `{'inputs': 8, 'targets': 2}`, and
+  T5X's quoted `"'/runs/demo'"` is the string /runs/demo); any other text is
+  that string (`/runs/demo`, `share`).
+  """
+  try:
+    return ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return value
+
+
 def _literal(value: str) -> str:
-  """A `--gin.X=value` value as gin text: literals and references as is, else a string."""
+  """A `--gin.X=value` value as gin text: references as is, else `macro_value`'s repr."""
   text = value.strip()
   if text.startswith(('@', '%')):
     return text
-  try:
-    ast.literal_eval(text)
-    return text
-  except (ValueError, SyntaxError):
-    return repr(value)
+  return repr(macro_value(value))
 
 
 def defined_macros() -> list[str]:

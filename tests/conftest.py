@@ -13,6 +13,11 @@ os.environ.setdefault('TFDS_DISABLE_GCS', '1')
 FAST_XLA_FLAGS = ('--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
                   '--xla_cpu_use_fusion_emitters=false')
 os.environ.setdefault('XLA_FLAGS', FAST_XLA_FLAGS)
+# The CLI and load() turn on a per-user persistent compilation cache by default
+# (compilation_cache.py); the suite writes nothing to the user's cache folder. Tests
+# that want a cache use `compilation_cache` below (JAX's own setting, which the CLI
+# keeps) or their own folder.
+os.environ.setdefault('HYPERPROMPT_COMPILATION_CACHE', 'off')
 
 import pytest  # noqa: E402
 

@@ -58,7 +58,9 @@ class CheckpointStore:
                        'extra': ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list:
-    return sorted(self._manager.all_steps(read=True))
+    """The committed steps on disk now (orbax's manager re-reads its directory)."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> Optional[int]:
     steps = self.all_steps()
@@ -75,7 +77,7 @@ class CheckpointStore:
       json.dumps(extra)
     except TypeError as e:
       raise TypeError(f'checkpoint extra metadata must be JSON-serialisable: {e}') from e
-    if step in self._manager.all_steps(read=True) or self.step_dir(step).exists():
+    if step in self.all_steps() or self.step_dir(step).exists():
       raise CheckpointError(f'{self.step_dir(step)} already exists; refusing to overwrite it')
     with self._save_errors(step):
       self._manager.save(step, args=ocp.args.Composite(
@@ -134,7 +136,7 @@ class CheckpointStore:
   def _saved_tree(self, step: int):
     """(checkpoint dir, the saved state's metadata tree); errors for a missing or damaged one."""
     step_dir = self.step_dir(step)
-    if int(step) not in self._manager.all_steps(read=True):
+    if int(step) not in self.all_steps():
       raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
                             f'(found steps {self.all_steps()})')
     damage = health.damage(step_dir)

@@ -3,9 +3,9 @@
   t5x train --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
   t5x train --gin_file=hyperprompt_base.gin --gin.MODEL_DIR=gs://... \\
       --gin.INITIAL_CHECKPOINT_PATH=gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000
-  t5x eval  --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
-  t5x infer --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo
-  t5x analyze --gin_file=demo.gin --gin.MODEL_DIR=/tmp/demo   (attention mass on prompts)
+  t5x eval  --gin.MODEL_DIR=/tmp/demo      (a trained run: its own config.gin is used)
+  t5x infer --gin.MODEL_DIR=/tmp/demo
+  t5x analyze --gin.MODEL_DIR=/tmp/demo    (attention mass on prompts)
   t5x infer --gin.MODEL_DIR=/tmp/demo --input_file=words.txt --task=hyperprompt_demo_max
   t5x params --gin_file=hyperprompt_base.gin [--json]
   t5x plot  --gin.MODEL_DIR=/tmp/demo
@@ -19,6 +19,12 @@ before any backend starts; if it cannot start, the run falls back to CPU with a
 warning. Usage and configuration errors exit with status 2 and one line on
 stderr (HYPERPROMPT_TRACEBACK=1 shows the traceback). TensorFlow (the input
 pipelines) is imported quietly and kept off the GPUs.
+
+stdout carries results only (train: its console); status lines go to stderr.
+A macro's value is read the same way everywhere (`gin_config.macro_value`:
+--gin.MODEL_DIR=/x and T5X's --gin.MODEL_DIR="'/x'" alike) and checked against
+its accepted values (`macro_checks.SPECS`) before anything runs. JAX's
+persistent compilation cache is on (compilation_cache.py). docs/CLI.md.
 """
 from __future__ import annotations
 
@@ -30,9 +36,12 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from hyperprompt_t5x import quiet_tensorflow
+from hyperprompt_t5x import compilation_cache, gin_config, quiet_tensorflow
+from hyperprompt_t5x.cli import macro_checks
+from hyperprompt_t5x.run import metrics_logging, model_dir_files
 
 COMMANDS = ('train', 'eval', 'infer', 'analyze', 'params', 'plot')
+_RUN_COMMANDS = ('eval', 'infer', 'analyze')  # commands on a trained run (MODEL_DIR enough)
 _CONFIGURABLE = {'train': 'train', 'eval': 'evaluate', 'infer': 'infer', 'analyze': 'analyze'}
 _JAX_PLATFORM = {'cpu': 'cpu', 'gpu': 'cuda', 'tpu': 'tpu'}
 
@@ -59,7 +68,9 @@ def _parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
   parser.add_argument('--input_file',
                       help='infer: decode your own inputs instead of a split: .jsonl (one '
                       'object of the task\'s fields, or a string, per line) or .txt (one '
-                      'input per line); predictions go to stdout as JSONL')
+                      'input per line); stdout gets one JSON line per input line, in order: '
+                      '{"input", "prediction", "task"}, or for an empty or blank line '
+                      '{"input", "error": "empty input", "task"}')
   parser.add_argument('--task', help='infer --input_file: the task (its input format and '
                       'task id), e.g. hyperprompt_demo_max')
   parser.add_argument('--truncate', action='store_true',
@@ -78,7 +89,7 @@ def _help(rest: Sequence[str]) -> str:
   if known.command not in COMMANDS:
     return _parser().format_help()
   from hyperprompt_t5x.cli import macro_help  # pylint: disable=g-import-not-at-top
-  search = [p for entry in known.gin_search_paths for p in entry.split(',') if p]
+  search = _search_paths(known)
   return _parser(macro_help.command_help(known.command, known.gin_file, search)).format_help()
 
 
@@ -86,15 +97,24 @@ def _check_command(rest: Sequence[str]) -> None:
   """A misspelled command gets a suggestion (argparse would only list the choices)."""
   positional = [a for a in rest if not a.startswith('-')]
   if positional and positional[0] not in COMMANDS:
-    from hyperprompt_t5x import gin_config  # pylint: disable=g-import-not-at-top
     raise UsageError(f'unknown command {positional[0]!r}'
                      f'{gin_config.did_you_mean(positional[0], COMMANDS)}; '
                      f'commands: {", ".join(COMMANDS)}')
 
 
+def _given_model_dir(macros) -> Optional[str]:
+  """--gin.MODEL_DIR's value (`gin_config.macro_value`: /x and "'/x'" alike), or None."""
+  if 'MODEL_DIR' not in dict(macros):
+    return None
+  value = gin_config.macro_value(dict(macros)['MODEL_DIR'])
+  if not isinstance(value, str) or not value.strip():
+    raise UsageError(f'--gin.MODEL_DIR must be a directory path, got {value!r}')
+  return value
+
+
 def _model_dir(args, macros) -> str:
-  """MODEL_DIR for `plot` / `infer --input_file`: --gin.MODEL_DIR, else the gin files'."""
-  given = dict(macros).get('MODEL_DIR')
+  """MODEL_DIR: --gin.MODEL_DIR, else the gin files' (parsed by now)."""
+  given = _given_model_dir(macros)
   if given:
     return given
   if not args.gin_file:
@@ -104,6 +124,33 @@ def _model_dir(args, macros) -> str:
   if not isinstance(value, str):
     raise UsageError(f'{args.command} needs --gin.MODEL_DIR=DIR')
   return value
+
+
+def run_gin_files(command: str, model_dir: str) -> list:
+  """The gin files that configure `command` on a trained run: its MODEL_DIR/config.gin,
+  plus runs/eval.gin / runs/infer.gin where that config has no bindings of its own."""
+  path = os.path.join(model_dir, model_dir_files.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise UsageError(
+        f'{path} does not exist: --gin.MODEL_DIR alone needs a MODEL_DIR written by '
+        f'`hyperprompt-t5x train`; otherwise give --gin_file=... too')
+  text = _read_text(path)
+  files = [path]
+  for configurable, gin_file in (('evaluate', 'runs/eval.gin'), ('infer', 'runs/infer.gin')):
+    if f'\n{configurable}.model_dir' not in text:
+      files.append(gin_file)
+  return files
+
+
+def _read_text(path: str) -> str:
+  """A file the user named, as text; unreadable or not UTF-8 -> an error naming it."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise UsageError(f'{path} is not UTF-8 text (byte {e.start}: {e.reason})') from e
+  except OSError as e:
+    raise UsageError(f'cannot read {path}: {e.strerror or e}') from e
 
 
 def split_gin_overrides(argv: Sequence[str]) -> tuple[list, list]:
@@ -169,15 +216,33 @@ def run(argv: Sequence[str]) -> int:
     return 0
   _check_command(rest)
   args = _parser().parse_args(rest)
-  search = [p for entry in args.gin_search_paths for p in entry.split(',') if p]
   if (args.input_file or args.task or args.truncate) and args.command != 'infer':
     raise UsageError('--input_file, --task and --truncate belong to infer')
-  from hyperprompt_t5x import gin_config  # pylint: disable=g-import-not-at-top
+  # train's console is its output; every other command's stdout carries only results.
+  with metrics_logging.talking_to('stdout' if args.command == 'train' else 'stderr'):
+    return _run(args, macros)
+
+
+def _search_paths(args) -> list:
+  """--gin_search_paths, repeated or comma-separated, as one list."""
+  return [p for entry in args.gin_search_paths for p in entry.split(',') if p]
+
+
+def _run(args, macros) -> int:
+  search = _search_paths(args)
+  given = _given_model_dir(macros)
   if args.command in ('plot', 'infer') and not args.gin_file and (
       args.command == 'plot' or args.input_file):
     return _run_on_model_dir(args, macros)  # the run's own config; no gin file needed
-  gin_config.parse(args.gin_file, macros=macros, bindings=args.gin_bindings,
+  gin_files = args.gin_file
+  if not gin_files and given and args.command in _RUN_COMMANDS:
+    gin_files = run_gin_files(args.command, given)  # MODEL_DIR alone: the run's own config
+  elif not gin_files and args.command in _RUN_COMMANDS:
+    raise UsageError(f'{args.command} needs --gin.MODEL_DIR=DIR (a trained run; its '
+                     'config.gin is used) or --gin_file=...')
+  gin_config.parse(gin_files, macros=macros, bindings=args.gin_bindings,
                    gin_search_paths=search)
+  macro_checks.check_defined()
   if args.command == 'plot' or args.input_file:
     return _run_on_model_dir(args, macros)
   if args.command == 'params':
@@ -190,6 +255,7 @@ def run(argv: Sequence[str]) -> int:
   if command != 'train':  # train imports it once a finished MODEL_DIR is ruled out
     quiet_tensorflow.import_tensorflow()
   select_platform(args.platform)
+  compilation_cache.enable()
   kwargs = {}
   if command == 'train':
     kwargs['config_str'] = gin_config.operative_config_str()
@@ -202,20 +268,35 @@ def _run_on_model_dir(args, macros) -> int:
   model_dir = _model_dir(args, macros)
   if args.command == 'plot':
     from hyperprompt_t5x.evaluation import plots  # pylint: disable=g-import-not-at-top
+    if not os.path.isdir(model_dir):
+      raise UsageError(f'MODEL_DIR {model_dir} does not exist')
     written = plots.draw(model_dir)
-    print('\n'.join(written) if written else f'nothing to plot yet in {model_dir}')
+    if written:
+      print('\n'.join(written))
+    else:
+      metrics_logging.log(f'nothing to plot yet in {model_dir}')
     return 0
   if not args.task:
     raise UsageError('infer --input_file needs --task=NAME (the task whose input format '
                      'and task id to use)')
+  from hyperprompt_t5x.evaluation import predictor  # pylint: disable=g-import-not-at-top
+  macro_checks.check_given(macros)
+  texts = predictor.read_input_file(args.input_file)
   quiet_tensorflow.import_tensorflow()
   select_platform(args.platform)
-  from hyperprompt_t5x.evaluation import predictor  # pylint: disable=g-import-not-at-top
-  texts = predictor.read_input_file(args.input_file)
-  model = predictor.load(dict(macros).get('CHECKPOINT_PATH') or model_dir)
+  compilation_cache.enable()
+  checkpoint = dict(macros).get('CHECKPOINT_PATH')
+  checkpoint = gin_config.macro_value(checkpoint) if checkpoint is not None else None
+  model = predictor.load(
+      checkpoint or model_dir, gin_files=args.gin_file, gin_search_paths=_search_paths(args),
+      macros=[(k, v) for k, v in macros if k not in ('MODEL_DIR', 'CHECKPOINT_PATH')],
+      verbose=True)
   predictions = model.predict(texts, task=args.task, truncate=args.truncate)
   for text, prediction in zip(texts, predictions):
-    print(json.dumps({'input': text, 'prediction': prediction, 'task': args.task}))
+    row = {'input': text, 'prediction': prediction, 'task': args.task}
+    if prediction is None:
+      row = {'input': text, 'error': predictor.EMPTY_INPUT, 'task': args.task}
+    print(json.dumps(row), flush=True)
   return 0
 
 

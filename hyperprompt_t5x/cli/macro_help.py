@@ -13,6 +13,7 @@ import textwrap
 from typing import Sequence
 
 from hyperprompt_t5x import gin_config
+from hyperprompt_t5x.cli import macro_checks
 
 # The gin files each command reads when no --gin_file is given.
 COMMAND_FILES = {
@@ -47,7 +48,7 @@ def read_macros(gin_files: Sequence[str], search_paths: Sequence[str] = ()) -> d
     seen_depth[0] += 1
     path = gin_config.resolve_gin_file(name, search_paths)
     last = None
-    for line in path.read_text().splitlines():
+    for line in gin_config.read_gin_text(path).splitlines():
       include = _INCLUDE.match(line)
       if include:
         read(include.group(1))
@@ -81,9 +82,12 @@ def format_macros(macros: dict, width: int = 80) -> str:
   for macro in sorted(macros.values(), key=lambda m: m.name):
     value = 'REQUIRED' if macro.value == '%gin.REQUIRED' else macro.value
     lines.append(f'  --gin.{macro.name}={value}')
-    if macro.meaning:
-      lines.append(textwrap.fill(macro.meaning, width, initial_indent=' ' * 6,
-                                 subsequent_indent=' ' * 6))
+    spec = macro_checks.SPECS.get(macro.name)
+    meaning = ' '.join(part for part in (
+        macro.meaning, f'(accepts {spec.accepted})' if spec else '') if part)
+    if meaning:
+      lines.append(textwrap.fill(meaning, width, initial_indent=' ' * 6,
+                                 subsequent_indent=' ' * 6, break_long_words=False))
   return '\n'.join(lines)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from hyperprompt_t5x.model.methods import HYPERPROMPT_METHODS
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x.evaluation import evaluator
+from hyperprompt_t5x.run.metrics_logging import log
 
 KINDS = {'encoder': ('encoder', 'attention'), 'decoder': ('decoder', 'self_attention'),
          'cross': ('decoder', 'encoder_decoder_attention')}
@@ -183,9 +184,25 @@ def analyze(*, model_dir: str, model_config, mixture_or_task_name: str,
       json.dump(results, f, indent=1)
     os.replace(path + '.tmp', path)
     plot(results, os.path.join(out_dir, 'attention_mass.png'))
-    print(note)
-    for task, r in results.items():
-      for kind in prompted_kinds(model_config):
-        print(f'{task:<40} {kind:<8} ' + ' '.join(f'{x:.3f}' for x in r[kind]))
-    print(f'written {path} and attention_mass.png (step {run.start_step})', flush=True)
+    log(f'attention mass on the prompt columns at step {run.start_step} (mean over '
+        f'heads and {num_examples} examples per task); {note}')
+    print(format_mass_table(results, prompted_kinds(model_config)), flush=True)
+    log(f'written {path} and attention_mass.png (step {run.start_step})')
   return results
+
+
+def format_mass_table(results: Mapping[str, Mapping[str, Any]], kinds: List[str]) -> str:
+  """One row per task and attention kind, one column per layer, under a header."""
+  from hyperprompt_t5x.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  prefix, shown = evaluator.short_task_names(results)
+  layers = max([len(r.get(k) or []) for r in results.values() for k in kinds] + [0])
+  name_w = max([len('task')] + [len(n) for n in shown.values()])
+  kind_w = max(len('attention'), *(len(k) for k in kinds))
+  lines = [f'tasks {prefix}*'] if prefix else []
+  lines.append(f'{"task":<{name_w}}  {"attention":<{kind_w}}'
+               + ''.join(f'  {f"layer {i}":>7}' for i in range(1, layers + 1)))
+  for task, r in results.items():
+    for kind in kinds:
+      lines.append(f'{shown[task]:<{name_w}}  {kind:<{kind_w}}'
+                   + ''.join(f'  {x:>7.3f}' for x in r[kind]))
+  return '\n'.join(lines)

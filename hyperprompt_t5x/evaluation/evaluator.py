@@ -146,32 +146,55 @@ def short_task_names(names) -> tuple[str, dict]:
   return prefix, {n: n[len(prefix):] for n in names}
 
 
-def format_table(results: Mapping[str, Mapping[str, float]],
-                 best: Optional[Mapping[str, Any]] = None) -> str:
-  """Per-task metric table (and best step/score when `best` is given), <= 80 columns.
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+  """A task's metric names; with their values when there are several (the score is
+  their mean), else the name alone (the score column is its value)."""
+  if len(metrics) == 1:
+    return _SHORT_METRIC.get(next(iter(metrics)), next(iter(metrics)))
+  return ', '.join(f'{_SHORT_METRIC.get(k, k)} {v:.2f}' for k, v in metrics.items())
 
-  Task names lose the prefix they all share (named on the first line).
+
+def format_table(results: Mapping[str, Mapping[str, float]],
+                 best: Optional[Mapping[str, Any]] = None, step: Optional[int] = None,
+                 show_scores: bool = True) -> str:
+  """Per-task table, <= 80 columns, every number under a header that names it.
+
+  Columns: task (without the prefix all names share, named on the first line),
+  metric(s), `score@<step>` (the mean of the task's metrics in `results`), and
+  with `best` the best score so far and the step it was reached at.
+  `show_scores=False` leaves the score column out (`results` are the best's).
   """
   prefix, shown = short_task_names(results)
-  texts = {n: ', '.join(f'{_SHORT_METRIC.get(k, k)} {v:.2f}' for k, v in m.items())
-           for n, m in results.items()}
-  tail = 8 + (16 if best else 0)  # ' score' (8), ' best' (8) ' @step' (8)
+  texts = {n: _metrics_text(m) for n, m in results.items()}
+  columns = []  # (header, {task: text}, average text)
+  if show_scores:
+    avg = float(np.mean([task_score(m) for m in results.values()])) if results else float('nan')
+    columns.append((f'score@{step}' if step is not None else 'score',
+                    {n: f'{task_score(m):.2f}' for n, m in results.items()}, f'{avg:.2f}'))
+  if best:
+    entries = best.get('tasks', {})
+    columns.append(('best score', {n: f'{entries[n]["score"]:.2f}' for n in results
+                                   if n in entries},
+                    f'{best["average"]:.2f}' if 'average' in best else ''))
+    columns.append(('at step', {n: str(entries[n]['step']) for n in results if n in entries},
+                    ''))
+  widths = [max([len(h), len(avg)] + [len(v) for v in values.values()])
+            for h, values, avg in columns]
+  tail = sum(w + 2 for w in widths)
   name_w = min(max([len('average')] + [len(v) for v in shown.values()]), 28)
-  metrics_w = max(len('metrics'), min(max([0] + [len(t) for t in texts.values()]),
-                                      TABLE_WIDTH - name_w - 1 - tail))
+  metrics_w = max(len('metric'), min(max([0] + [len(t) for t in texts.values()]),
+                                     TABLE_WIDTH - name_w - 1 - tail))
+
+  def row(name: str, metric: str, cells) -> str:
+    return (f'{_fit(name, name_w):<{name_w}} {_fit(metric, metrics_w):<{metrics_w}}'
+            + ''.join(f'  {c:>{w}}' for c, w in zip(cells, widths))).rstrip()
+
   lines = [f'tasks {prefix}*'] if prefix else []
-  lines.append(f'{"task":<{name_w}} {"metrics":<{metrics_w}} {"score":>7}' + (
-      f' {"best":>7} {"@step":>7}' if best else ''))
-  for name, metrics in results.items():
-    line = (f'{_fit(shown[name], name_w):<{name_w}} {_fit(texts[name], metrics_w):<{metrics_w}}'
-            f' {task_score(metrics):>7.2f}')
-    if best and name in best.get('tasks', {}):
-      line += f' {best["tasks"][name]["score"]:>7.2f} {best["tasks"][name]["step"]:>7}'
-    lines.append(line)
-  avg = float(np.mean([task_score(m) for m in results.values()])) if results else float('nan')
-  lines.append(f'{"average":<{name_w}} {"":<{metrics_w}} {avg:>7.2f}' + (
-      f' {best["average"]:>7.2f}' if best and 'average' in best else ''))
-  return '\n'.join(line.rstrip() for line in lines)
+  lines.append(row('task', 'metric', [h for h, _, _ in columns]))
+  lines += [row(shown[n], texts[n], [values.get(n, '') for _, values, _ in columns])
+            for n in results]
+  lines.append(row('average', '', [avg for _, _, avg in columns]))
+  return '\n'.join(lines)
 
 
 def read_best(model_dir: str) -> Optional[dict]:
@@ -186,7 +209,7 @@ def read_best(model_dir: str) -> Optional[dict]:
 def format_best_table(best: Mapping[str, Any]) -> str:
   """best.json as the per-task table: the best metrics, their step and the average."""
   results = {name: entry.get('metrics', {}) for name, entry in best.get('tasks', {}).items()}
-  return format_table(results, best)
+  return format_table(results, best, show_scores=False)
 
 
 class Evaluator:
@@ -204,6 +227,7 @@ class Evaluator:
         mixture_or_task_name, split, lengths, batch_size, max_examples)
     self.decoder = Decoder(run, batch_size, lengths['targets'])
     self.last = None
+    self.last_step = None
     self.best = self._read_best()
 
   def _read_best(self) -> dict:
@@ -227,7 +251,7 @@ class Evaluator:
     """Scores `params` at `step`; logs them and updates best.json."""
     t0 = time.perf_counter()
     results = self.scores(params)
-    self.last = results
+    self.last, self.last_step = results, step
     flat = {f'{self.split}/{task}/{metric}': value
             for task, metrics in results.items() for metric, value in metrics.items()}
     flat[f'{self.split}/average_score'] = float(np.mean(
@@ -337,9 +361,9 @@ def evaluate(*, model_dir: str, model_config, mixture_or_task_name: str,
     path = os.path.join(model_dir, f'eval_{split}_{run.start_step}.json')
     with open(path, 'w') as f:
       json.dump(out, f, indent=2, sort_keys=True)
-    print(f'step {run.start_step}, split {split}:')
-    print(format_table(results), flush=True)
-    print(f'written {path}')
+    log(f'{split} split, step {run.start_step}:')
+    print(format_table(results, step=run.start_step), flush=True)
+    log(f'written {path}')
   return out
 
 
@@ -371,5 +395,5 @@ def infer(*, model_dir: str, model_config, mixture_or_task_name: str,
                              default=str) + '\n')
           count += 1
     os.replace(path + '.tmp', path)
-    print(f'wrote {count} predictions to {path}', flush=True)
+    log(f'wrote {count} predictions to {path}')
   return path

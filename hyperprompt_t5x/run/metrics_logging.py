@@ -7,18 +7,26 @@ steps whose records are already there; those are not written again. A line
 cut short by a kill is dropped when the file is next opened. TensorBoard goes
 through `clu.metric_writers`, imported lazily; where clu/TensorFlow is missing the
 JSONL file and the progress line still work (with one warning).
+
+Status lines (`log`) go to stdout under `train`, whose console is its output;
+commands whose stdout carries results (eval, infer, analyze, ...) send them to
+stderr, and `hyperprompt_t5x.load` silences them unless asked (`talking_to`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
+
+TALK_STREAMS = ('stdout', 'stderr', None)
+_talk = {'stream': 'stdout'}  # where `log` writes: a sys attribute name, or None: nowhere
 
 
 def is_chief() -> bool:
@@ -28,9 +36,22 @@ def is_chief() -> bool:
 
 
 def log(message: str) -> None:
-  """One console line from the chief process."""
-  if is_chief():
-    print(message, flush=True)
+  """One status line from the chief process (to stdout, stderr or nowhere: `talking_to`)."""
+  stream = _talk['stream']
+  if stream is not None and is_chief():
+    print(message, file=getattr(sys, stream), flush=True)
+
+
+@contextlib.contextmanager
+def talking_to(stream: Optional[str]) -> Iterator[None]:
+  """Within the block `log` writes to 'stdout', 'stderr' or nowhere (None)."""
+  if stream not in TALK_STREAMS:
+    raise ValueError(f'stream must be one of {TALK_STREAMS}, got {stream!r}')
+  previous, _talk['stream'] = _talk['stream'], stream
+  try:
+    yield
+  finally:
+    _talk['stream'] = previous
 
 
 def _scalar(value: Any) -> Any:
@@ -246,7 +267,11 @@ class TrainLog:
     return (self.total_steps - step) / rate + pauses
 
   def record(self, step: int, fetched: list) -> None:
-    """Writes the mean of each scalar over `fetched` (the steps up to `step`)."""
+    """Writes the mean of each scalar over `fetched` (the steps up to `step`).
+
+    The learning rate is the one step `step` used (the last of the window); the
+    window's mean goes to metrics.jsonl as `learning_rate_mean`.
+    """
     if not fetched:
       return
     steps_per_sec, tokens_per_sec = self.throughput.rates(step, self.tokens_per_step)
@@ -256,7 +281,10 @@ class TrainLog:
     # The step's non-padding target count is the loss's normaliser, not "tokens".
     if 'num_tokens' in window:
       window['target_tokens'] = window.pop('num_tokens')
-    lr = window.get('learning_rate', float(self.schedule(step - 1)))
+    if 'learning_rate' in window:
+      window['learning_rate_mean'] = window['learning_rate']
+    lr = float(np.asarray(last['learning_rate']) if 'learning_rate' in last
+               else self.schedule(step - 1))
     examples, in_used, in_all, tgt_used, tgt_all = self._counts.tolist()
     self._counts[:] = 0
     # Real examples trained per second (all processes); fill: fraction of row positions used.

@@ -7,7 +7,7 @@ gives the task's fields (a dict) or, for a task that reads one text field,
 just the text. Labels and ids, which only targets and bookkeeping read, are
 filled with placeholders.
 """
-from typing import Any, List, Mapping, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import seqio
 import tensorflow as tf
@@ -30,21 +30,27 @@ def text_fields(task_name: str) -> List[str]:
   return []
 
 
-def format_inputs(task_name: str, examples: Sequence[Union[str, Mapping[str, Any]]]) -> List[str]:
-  """Each example's input text as `task_name` formats it (its own preprocessors)."""
+def format_inputs(task_name: str, examples: Sequence[Union[str, Mapping[str, Any]]],
+                  positions: Optional[Sequence[int]] = None) -> List[str]:
+  """Each example's input text as `task_name` formats it (its own preprocessors).
+
+  Errors name the example as `texts[<position>]` (`positions`: each example's
+  index in the caller's list; default 0, 1, ...).
+  """
   task = seqio.get_mixture_or_task(task_name)
   fields = text_fields(task_name)
+  positions = list(range(len(examples))) if positions is None else list(positions)
   rows = []
-  for i, example in enumerate(examples):
+  for position, example in zip(positions, examples):
     if isinstance(example, str):
       if len(fields) != 1:
         raise ValueError(
-            f'input {i + 1}: task {task_name} reads the fields {", ".join(fields) or "?"}; '
+            f'texts[{position}]: task {task_name} reads the fields {", ".join(fields) or "?"}; '
             'give one JSON object with them per line (a .jsonl file)')
       example = {fields[0]: example}
     missing = [f for f in fields if f not in example]
     if missing:
-      raise ValueError(f'input {i + 1}: task {task_name} needs the field(s) '
+      raise ValueError(f'texts[{position}]: task {task_name} needs the field(s) '
                        f'{", ".join(missing)}; got {", ".join(sorted(example)) or "none"}')
     rows.append({k: str(example[k]) for k in fields} if fields else dict(example))
   if not rows:

@@ -378,7 +378,8 @@ def _finish(c: TrainConfig, start: int, t0: float, first_step_s: Optional[float]
   if validation is not None and validation.last is not None:
     summary['eval'] = validation.last
     if is_chief():
-      print(evaluator.format_table(validation.last, validation.best), flush=True)
+      print(evaluator.format_table(validation.last, validation.best,
+                                   step=validation.last_step), flush=True)
   _draw_plots(c.model_dir)
   first = f', first step after {first_step_s:.1f} s' if first_step_s is not None else ''
   log(f'Done: step {summary["final_step"]} in {summary["seconds"]:.1f} s{first}; '

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from hyperprompt_t5x.cli import commands
+from hyperprompt_t5x.cli import commands, macro_checks, macro_help
 from hyperprompt_t5x import gin_config
+from hyperprompt_t5x.evaluation import predictor
 from hyperprompt_t5x.model import param_count
 
 
@@ -61,7 +62,7 @@ def test_params_table(capsys):
       '--gin.XLA_FLAGS=None'],
      "(did you mean 'hyperprompt_demo'?)"),
     (['train', '--gin_file=demo.gin', '--gin.TRAIN_STEPS=0', '--gin.XLA_FLAGS=None'],
-     'train_steps must be > 0'),
+     'TRAIN_STEPS=0 is not accepted: TRAIN_STEPS takes an integer >= 1'),
     (['trian', '--gin_file=demo.gin'], "unknown command 'trian' (did you mean 'train'?)"),
     (['train', '--gin_file=demo.gin', '--gin.MODEL_DIR'], '--gin.MODEL_DIR needs a value'),
     (['plot'], 'plot needs --gin.MODEL_DIR'),
@@ -83,6 +84,17 @@ def test_config_errors_are_one_line_and_touch_nothing(argv, message, tmp_path, c
   assert 'Traceback' not in err and 'In call to configurable' not in err
   assert len(err.splitlines()) == 1, err
   assert snapshot(model_dir) == before
+
+
+@pytest.mark.parametrize('content, message', [
+    (b"TRAIN_STEPS = 5\n# caf\xe9\n", 'line 2: bytes are not UTF-8'),
+    (b"TRAIN_STEPS = \n", 'bad gin file')])
+def test_a_bad_gin_file_is_named(content, message, tmp_path, capsys):
+  path = tmp_path / 'mine.gin'
+  path.write_bytes(content)
+  assert commands.main(['train', f'--gin_file={path}']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message in err and path.name in err, err
 
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -179,3 +191,160 @@ def test_package_import_is_light():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
+
+
+# ----------------------------------------------------------------------------
+# Every macro checked up front, by name; one parser for every command.
+# ----------------------------------------------------------------------------
+
+# (macro, a bad value as typed) per family; the error must name the macro, the value
+# and the accepted values of macro_checks.SPECS.
+BAD_MACROS = [
+    # integers with a range
+    ('TRAIN_STEPS', 'abc'), ('TRAIN_STEPS', '2.5'), ('BATCH_SIZE', '0'), ('SAVE_PERIOD', '-2'),
+    ('LOG_PERIOD', '0'), ('WARMUP_STEPS', '-1'), ('NUM_PARTITIONS', '0'), ('SEED', '-1'),
+    ('NUM_TASKS', '0'), ('PROMPT_LENGTH', '0'), ('BOTTLENECK', '1.5'), ('ADAPTER_DIM', 'True'),
+    # optional integers (None means something)
+    ('EVAL_PERIOD', '-1'), ('KEEP_CHECKPOINTS', '0'), ('EVAL_MAX_EXAMPLES', '0'),
+    ('EVAL_BATCH_SIZE', 'None'),
+    # numbers with a range
+    ('LEARNING_RATE', 'fast'), ('LEARNING_RATE', '0'), ('WEIGHT_DECAY', '-0.1'),
+    ('Z_LOSS', 'nan'), ('LABEL_SMOOTHING', '1.0'), ('DROPOUT_RATE', '1.5'),
+    # choices
+    ('OPTIMIZER', 'sgd'), ('LR_SCHEDULE', 'linear'), ('FREEZE', 'none'),
+    # booleans
+    ('RESTORE_OPTIMIZER_STATE', 'yes'), ('CALIBRATE_PROMPT_SCALE', '1'),
+    ('USE_HARDWARE_RNG', 'maybe'),
+    # strings and paths
+    ('MIXTURE_OR_TASK_NAME', '3'), ('EVAL_SPLIT', "''"), ('XLA_FLAGS', '3'),
+    ('INITIAL_CHECKPOINT_PATH', '5'), ('CHECKPOINT_PATH', '7'), ('INFER_OUTPUT_PATH', '[1]'),
+    # feature lengths
+    ('TASK_FEATURE_LENGTHS', "{'inputs': 8}"), ('TASK_FEATURE_LENGTHS', "{'inputs': 0, 'targets': 2}"),
+    ('TASK_FEATURE_LENGTHS', 'long'),
+]
+
+
+@pytest.mark.parametrize('name, text', BAD_MACROS)
+def test_each_macro_is_checked_by_name_before_anything_runs(name, text, tmp_path, capsys):
+  model_dir = tmp_path / 'run'
+  assert commands.main(['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={model_dir}',
+                        f'--gin.{name}={text}']) == 2
+  err = capsys.readouterr().err.strip()
+  value = gin_config.macro_value(text)
+  assert err == (f'error: {name}={value!r} is not accepted: {name} takes '
+                 f'{macro_checks.SPECS[name].accepted}'), err
+  assert not model_dir.exists()
+
+
+def test_infer_on_own_texts_checks_its_macros_too(tmp_path, capsys):
+  words = tmp_path / 'words.txt'
+  words.write_text('fbhde\n')
+  assert commands.main(['infer', f'--gin.MODEL_DIR={tmp_path}', '--task=t',
+                        f'--input_file={words}', '--gin.CHECKPOINT_PATH=3']) == 2
+  assert capsys.readouterr().err.strip() == (
+      f'error: CHECKPOINT_PATH=3 is not accepted: CHECKPOINT_PATH takes '
+      f'{macro_checks.SPECS["CHECKPOINT_PATH"].accepted}')
+
+
+def test_every_shipped_macro_has_a_spec_and_a_docs_row():
+  """The CLI's gin files (not gin/t5x/, which T5X reads) define no macro without a spec;
+  docs/CLI.md lists each with its accepted values; --help shows them."""
+  root = gin_config.installed_gin_dirs()[0]
+  files = [str(p.relative_to(root)) for p in root.rglob('*.gin') if p.parts[-2] != 't5x']
+  defined = set()
+  for name in files:
+    defined |= set(macro_help.read_macros([name]))
+  assert defined == set(macro_checks.SPECS), defined ^ set(macro_checks.SPECS)
+  docs = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'CLI.md').read_text()
+  for name, spec in macro_checks.SPECS.items():
+    assert f'| `{name}` | {spec.accepted} |' in docs, name
+
+
+def test_help_shows_accepted_values(capsys):
+  assert commands.main(['train', '--help']) == 0
+  out = ' '.join(capsys.readouterr().out.split())
+  for name in ('LR_SCHEDULE', 'TRAIN_STEPS', 'EVAL_PERIOD'):
+    assert f'(accepts {macro_checks.SPECS[name].accepted})' in out, name
+
+
+@pytest.mark.parametrize('text, value', [
+    ('/runs/demo', '/runs/demo'), ("'/runs/demo'", '/runs/demo'), ('"/runs/demo"', '/runs/demo'),
+    ('8', 8), ('1e-3', 0.001), ('None', None), ('share', 'share'), ("'share'", 'share'),
+    ("{'inputs': 8, 'targets': 2}", {'inputs': 8, 'targets': 2}), ('gs://b/x', 'gs://b/x')])
+def test_one_parser_for_macro_values(text, value):
+  assert gin_config.macro_value(text) == value
+
+
+@pytest.mark.parametrize('argv', [
+    ['eval'], ['infer'], ['analyze'], ['plot'],
+    ['infer', '--task=hyperprompt_demo_max', '--input_file={words}']])
+def test_model_dir_means_the_same_in_either_quoting_for_every_command(argv, tmp_path, capsys):
+  """--gin.MODEL_DIR=/x and T5X's --gin.MODEL_DIR="'/x'" name the same directory."""
+  words = tmp_path / 'words.txt'
+  words.write_text('fbhde\n')
+  argv = [a.format(words=words) for a in argv]
+  model_dir = tmp_path / 'no_run'
+  errors = []
+  for form in (f'{model_dir}', f"'{model_dir}'"):
+    assert commands.main(argv + [f'--gin.MODEL_DIR={form}']) == 2
+    errors.append(capsys.readouterr().err.strip())
+  assert errors[0] == errors[1], errors
+  assert f'{model_dir}' in errors[0] and f"'{model_dir}" not in errors[0], errors[0]
+  assert len(errors[0].splitlines()) == 1
+
+
+def test_train_reads_model_dir_in_either_quoting(tmp_path):
+  import gin
+  for form in ('/x/run', "'/x/run'"):
+    gin_config.parse(['demo.gin'], macros=[('MODEL_DIR', form)])
+    assert gin.query_parameter('%MODEL_DIR') == '/x/run'
+
+
+def test_model_dir_alone_adds_eval_and_infer_bindings_only_when_missing(tmp_path):
+  (tmp_path / 'config.gin').write_text("MODEL_DIR = 'x'\nevaluate.model_dir = %MODEL_DIR\n")
+  assert commands.run_gin_files('eval', str(tmp_path)) == [
+      str(tmp_path / 'config.gin'), 'runs/infer.gin']
+  (tmp_path / 'config.gin').write_bytes(b"MODEL_DIR = '\xe9'\n")
+  with pytest.raises(commands.UsageError, match=f'{tmp_path / "config.gin"} is not UTF-8'):
+    commands.run_gin_files('eval', str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# --input_file: one input per line, blank lines included; errors name the file.
+# ----------------------------------------------------------------------------
+
+
+def test_input_file_keeps_every_line(tmp_path):
+  txt = tmp_path / 'in.txt'
+  txt.write_bytes(b'fbhde\r\n\n   \ncadg')
+  assert predictor.read_input_file(str(txt)) == ['fbhde', '', '   ', 'cadg']
+  jsonl = tmp_path / 'in.jsonl'
+  jsonl.write_text('"fbhde"\n\n{"inputs": "cadg"}\n')
+  assert predictor.read_input_file(str(jsonl)) == ['fbhde', '', {'inputs': 'cadg'}]
+  assert [predictor.is_blank(x) for x in ['', ' \t', {'inputs': ' '}, 'a', {'inputs': 'a'}]] == [
+      True, True, True, False, False]
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('missing.txt', None, '{path} does not exist'),
+    ('folder.txt', 'dir', '{path} does not exist (it is a directory)'),
+    ('empty.txt', b'', '{path} is empty'),
+    ('latin1.txt', b'ok\ncaf\xe9\n', "{path} line 2: bytes b'\\xe9' at column 4 are not UTF-8"),
+    ('bad.jsonl', b'"a"\n{"inputs": \n', '{path} line 2: not JSON'),
+    ('number.jsonl', b'"a"\n"b"\n3\n', '{path} line 3: expected a string or an object'),
+])
+def test_input_file_errors_name_the_file_and_line(name, content, message, tmp_path, capsys):
+  path = tmp_path / name
+  if content == 'dir':
+    path.mkdir()
+  elif content is not None:
+    path.write_bytes(content)
+  before = snapshot(tmp_path)
+  assert commands.main(['infer', f'--gin.MODEL_DIR={tmp_path}', '--task=t',
+                        f'--input_file={path}']) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  assert captured.err.strip() == f'error: --input_file {message.format(path=path)}' or \
+      captured.err.startswith(f'error: --input_file {message.format(path=path)}'), captured.err
+  assert len(captured.err.strip().splitlines()) == 1
+  assert snapshot(tmp_path) == before

@@ -37,3 +37,33 @@ def test_non_chief_writes_nothing(tmp_path):
   logger = metrics_logging.MetricsLogger(str(tmp_path), tensorboard=False, is_chief=False)
   logger.write(1, {'loss': 1.0})
   assert not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_status_lines_go_where_the_command_says(capsys):
+  metrics_logging.log('to stdout')
+  with metrics_logging.talking_to('stderr'):
+    metrics_logging.log('to stderr')
+    with metrics_logging.talking_to(None):
+      metrics_logging.log('nowhere')
+    metrics_logging.log('stderr again')
+  metrics_logging.log('stdout again')
+  captured = capsys.readouterr()
+  assert captured.out == 'to stdout\nstdout again\n'
+  assert captured.err == 'to stderr\nstderr again\n'
+
+
+def test_progress_shows_the_learning_rate_of_the_logged_step(tmp_path):
+  """Warm-up over 20 steps to 0.003: at step 25 the rate is 0.003, the window's mean
+  (steps 1..25) is lower and goes to metrics.jsonl as learning_rate_mean."""
+  stream = io.StringIO()
+  logger = metrics_logging.MetricsLogger(str(tmp_path), tensorboard=False, stream=stream)
+  schedule = lambda step: 0.003 * min(1.0, (step + 1) / 20)
+  train_log = metrics_logging.TrainLog(logger, schedule=schedule, start_step=0, total_steps=50,
+                                       tokens_per_step=10)
+  fetched = [(s, {'loss': 1.0, 'learning_rate': schedule(s)}) for s in range(25)]
+  train_log.record(25, fetched)
+  record = _records(tmp_path)[0]
+  assert record['learning_rate'] == 0.003
+  expected_mean = sum(schedule(s) for s in range(25)) / 25
+  assert abs(record['learning_rate_mean'] - expected_mean) < 1e-9 and expected_mean < 0.0025
+  assert '  lr 0.003  ' in stream.getvalue()

@@ -71,13 +71,21 @@ def test_demo_learns_every_task_far_above_chance(demo_run, capsys):
 
 
 def test_eval_and_infer_commands(demo_run, tmp_path, capsys):
-  common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={demo_run}']
-  assert commands.main(['eval', *common]) == 0
+  """--gin.MODEL_DIR alone is enough (the run's config.gin), in either quoting; stdout
+  holds the results only (eval: the table; infer: nothing, the file has them)."""
+  assert commands.main(['eval', f'--gin.MODEL_DIR={demo_run}']) == 0
   scored = json.loads((demo_run / f'eval_validation_{STEPS}.json').read_text())
   assert scored['step'] == STEPS and scored['average'] >= 90.0
+  captured = capsys.readouterr()
+  table = captured.out.splitlines()
+  assert table[1].split() == ['task', 'metric', f'score@{STEPS}'], table
+  assert table[-1].split() == ['average', f'{scored["average"]:.2f}']
+  assert 'validation split, step' in captured.err and 'written' in captured.err
   out = tmp_path / 'predictions.jsonl'
-  assert commands.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}',
-                   '--gin.EVAL_MAX_EXAMPLES=10']) == 0
+  assert commands.main(['infer', f"--gin.MODEL_DIR='{demo_run}'",
+                        f'--gin.INFER_OUTPUT_PATH={out}', '--gin.EVAL_MAX_EXAMPLES=10']) == 0
+  captured = capsys.readouterr()
+  assert captured.out == '' and f'wrote 30 predictions to {out}' in captured.err
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert len(rows) == 30
   assert set(rows[0]) == {'inputs', 'target', 'prediction', 'task'}
@@ -89,12 +97,23 @@ def test_eval_and_infer_commands(demo_run, tmp_path, capsys):
   word, answers = next((w, a) for w, a in by_input.items() if len(a) == 3)
   assert answers['hyperprompt_demo_max'] == max(word)
   assert answers['hyperprompt_demo_min'] == min(word)
+  common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={demo_run}']
   assert commands.main(['infer', *common, f'--gin.INFER_OUTPUT_PATH={out}']) == 2  # no overwrite
 
 
+def test_an_explicit_gin_file_of_another_model_is_one_line(demo_run, capsys):
+  before = snapshot(demo_run)
+  assert commands.main(['eval', '--gin_file=demo.gin', f'--gin.MODEL_DIR={demo_run}',
+                        '--gin.METHOD=share']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and 'holds checkpoints of a different model' in err, err
+  assert "method: checkpoint 'global', config 'share'" in err
+  assert snapshot(demo_run) == before
+
+
 def test_analyze_command_writes_attention_mass(demo_run, capsys):
-  common = ['--gin_file=demo.gin', f'--gin.MODEL_DIR={demo_run}']
-  assert commands.main(['analyze', *common, '--gin.EVAL_MAX_EXAMPLES=20']) == 0
+  assert commands.main(['analyze', f'--gin.MODEL_DIR={demo_run}',
+                        '--gin.EVAL_MAX_EXAMPLES=20']) == 0
   out = json.loads((demo_run / 'analysis' / 'attention_mass.json').read_text())
   assert sorted(out) == ['hyperprompt_demo_has_a', 'hyperprompt_demo_max',
                          'hyperprompt_demo_min']
@@ -104,6 +123,14 @@ def test_analyze_command_writes_attention_mass(demo_run, capsys):
       assert len(entry[kind]) == 2 and all(0.0 <= x <= 1.0 for x in entry[kind])
       assert len(entry['per_head'][kind][0]) == 4
   assert (demo_run / 'analysis' / 'attention_mass.png').stat().st_size > 1000
+  # stdout: a header naming every column, then one labelled row per task and stack.
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == 'tasks hyperprompt_demo_*'
+  assert lines[1].split() == ['task', 'attention', 'layer', '1', 'layer', '2']
+  rows = {(l.split()[0], l.split()[1]): [float(x) for x in l.split()[2:]] for l in lines[2:]}
+  assert len(rows) == 6
+  assert rows[('max', 'decoder')] == pytest.approx(
+      out['hyperprompt_demo_max']['decoder'], abs=5e-4)
 
 
 # ----------------------------------------------------------------------------
@@ -133,10 +160,23 @@ def test_console_summary_progress_and_table(demo_console):
   table = lines[start:next(i for i, l in enumerate(lines) if l.startswith('average')) + 1]
   assert all(len(l) <= 80 for l in progress + table), [l for l in progress + table
                                                        if len(l) > 80]
+  # Every number under a header that names it: the last eval's score, the best, its step.
+  assert table[0].split() == ['task', 'metric', f'score@{STEPS}', 'best', 'score', 'at', 'step']
+  best = json.loads((model_dir / 'best.json').read_text())
+  for line in table[1:-1]:
+    name, metric, score, best_score, step = line.split()
+    assert metric == 'acc' and int(step) == best['tasks'][f'hyperprompt_demo_{name}']['step']
+    assert float(best_score) == pytest.approx(
+        best['tasks'][f'hyperprompt_demo_{name}']['score'], abs=0.01)
   assert any(l.startswith('plots: ') for l in lines)
+  # The progress line's lr is the rate of the logged step (demo: 20 warm-up steps to
+  # 0.003, so 0.003 at step 25); metrics.jsonl has the window's mean under its own name.
+  assert progress[0].startswith('step 25/') and '  lr 0.003  ' in progress[0], progress[0]
   # One token definition: tokens/s = steps/s x BATCH_SIZE x (inputs + targets length).
   records = [json.loads(l) for l in (model_dir / 'metrics.jsonl').read_text().splitlines()]
   train = [r for r in records if 'loss' in r]
+  assert train[0]['step'] == 25 and train[0]['learning_rate'] == pytest.approx(0.003)
+  assert 0.001 < train[0]['learning_rate_mean'] < 0.0025  # 20 warm-up steps in the window
   for r in train:
     assert r['tokens_per_sec'] == pytest.approx(r['steps_per_sec'] * 64 * (8 + 2))
     assert 'num_tokens' not in r and r['target_tokens'] > 0
@@ -177,9 +217,10 @@ def test_plots_exist_are_pngs_and_follow_the_metrics(demo_run, tmp_path):
       'validation_hyperprompt_demo_min.png']
 
 
-def test_python_api_predict_and_score(demo_run):
+def test_python_api_predict_and_score(demo_run, capfd):
   import hyperprompt_t5x
   model = hyperprompt_t5x.load(str(demo_run))
+  assert capfd.readouterr() == ('', '')  # load prints nothing unless verbose=True
   assert model.step == STEPS
   words = ['fbhde', 'cadg', 'hgb', 'bdfe']
   assert model.predict(words, task='hyperprompt_demo_max') == [max(w) for w in words]
@@ -187,32 +228,72 @@ def test_python_api_predict_and_score(demo_run):
   right = model.score(words, [min(w) for w in words], task='hyperprompt_demo_min')
   wrong = model.score(words, [max(w) for w in words], task='hyperprompt_demo_min')
   assert all(r > w for r, w in zip(right, wrong)) and all(r <= 0 for r in right)
-  with pytest.raises(ValueError, match="did you mean 'hyperprompt_demo_min'"):
-    model.predict(words, task='hyperprompt_demo_mni')
-  with pytest.raises(ValueError, match='longer than the run.s input length 8'):
-    model.predict(['abcdefgh'], task='hyperprompt_demo_max')
+  # One answer per text, in order: empty and blank texts get None.
+  texts = ['', 'fbhde', '   ', '\t\n', 'cadg', '']
+  assert model.predict(texts, task='hyperprompt_demo_max') == [
+      None, 'h', None, None, 'g', None]
+  assert model.predict([''], task='hyperprompt_demo_max') == [None]
+  scores = model.score(texts, ['h'] * len(texts), task='hyperprompt_demo_max')
+  assert [s is None for s in scores] == [True, False, True, True, False, True]
+  assert scores[1] == pytest.approx(model.score(['fbhde'], ['h'], task='hyperprompt_demo_max')[0],
+                                    abs=1e-5)
+  assert capfd.readouterr() == ('', '')
+  for call, error, message in [
+      (lambda: model.predict(words, task='hyperprompt_demo_mni'), ValueError,
+       "did you mean 'hyperprompt_demo_min'"),
+      (lambda: model.predict(['fbhde', 'abcdefgh'], task='hyperprompt_demo_max'), ValueError,
+       r'texts\[1\] is 9 tokens .* longer than the run.s input length 8'),
+      (lambda: model.predict('fbhde', task='hyperprompt_demo_max'), TypeError,
+       'texts must be a list'),
+      (lambda: model.predict(['a', 3], task='hyperprompt_demo_max'), TypeError,
+       r'texts\[1\] is int 3'),
+      (lambda: model.predict(['a'], task=0), TypeError, 'task must be a task name'),
+      (lambda: model.score(['a', 'b'], ['h', None], task='hyperprompt_demo_max'), TypeError,
+       r'targets\[1\] is NoneType'),
+      (lambda: model.score(['a', 'b'], ['h'], task='hyperprompt_demo_max'), ValueError,
+       '2 texts, 1 targets'),
+      (lambda: hyperprompt_t5x.load(str(demo_run), checkpoint_step='75'), TypeError,
+       'checkpoint_step must be an integer')]:
+    with pytest.raises(error, match=message):
+      call()
   assert len(model.predict(['abcdefgh'], task='hyperprompt_demo_max', truncate=True)) == 1
+  capfd.readouterr()
+  hyperprompt_t5x.load(str(demo_run / f'checkpoint_{STEPS}'), verbose=True)
+  out, err = capfd.readouterr()
+  assert out == '' and f'loaded {demo_run} at step {STEPS}' in err
 
 
 def test_infer_on_the_users_own_texts(demo_run, tmp_path, capsys):
+  """stdout is JSON lines only, one per input line (blank lines too); talk on stderr."""
   before = snapshot(demo_run)
-  words = ['fbhde', 'cadg', 'hgb']
+  lines = ['fbhde', '', 'cadg', '   ', 'hgb']
   txt = tmp_path / 'words.txt'
-  txt.write_text('\n'.join(words) + '\n')
+  txt.write_text('\n'.join(lines) + '\n')
   common = ['infer', f'--gin.MODEL_DIR={demo_run}', '--task=hyperprompt_demo_has_a']
   assert commands.main(common + [f'--input_file={txt}']) == 0
-  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith('{')]
-  assert [r['input'] for r in rows] == words
-  assert [r['prediction'] for r in rows] == ['y' if 'a' in w else 'n' for w in words]
+  captured = capsys.readouterr()
+  rows = [json.loads(l) for l in captured.out.splitlines()]  # every stdout line is JSON
+  assert [r['input'] for r in rows] == lines
+  assert [r.get('prediction') for r in rows] == [
+      ('y' if 'a' in w else 'n') if w.strip() else None for w in lines]
+  assert [r.get('error') for r in rows] == [None, 'empty input', None, 'empty input', None]
+  assert f'loaded {demo_run} at step {STEPS}' in captured.err
   jsonl = tmp_path / 'words.jsonl'
-  jsonl.write_text('\n'.join(json.dumps({'inputs': w}) for w in words))
-  assert commands.main(common + [f'--input_file={jsonl}']) == 0
-  assert len([l for l in capsys.readouterr().out.splitlines() if l.startswith('{')]) == 3
+  jsonl.write_text('\n'.join(json.dumps({'inputs': w}) if w else '' for w in lines))
+  # The quoted form of T5X (--gin.MODEL_DIR="'/x'") means the same directory.
+  assert commands.main(['infer', f"--gin.MODEL_DIR='{demo_run}'",
+                        '--task=hyperprompt_demo_has_a', f'--input_file={jsonl}']) == 0
+  assert [json.loads(l) for l in capsys.readouterr().out.splitlines()] == [
+      dict(r, input={'inputs': r['input']} if r['input'] else '') for r in rows[:3]] + [
+      {'input': {'inputs': '   '}, 'error': 'empty input', 'task': 'hyperprompt_demo_has_a'},
+      dict(rows[4], input={'inputs': 'hgb'})]
   empty = tmp_path / 'empty.txt'
-  empty.write_text('\n')
-  for extra, message in [([f'--input_file={empty}'], 'is empty'),
+  empty.write_text('')
+  for extra, message in [([f'--input_file={empty}'], f'--input_file {empty} is empty'),
                          ([f'--input_file={txt}', '--task=nope'], "unknown task 'nope'")]:
     assert commands.main(common + extra) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    captured = capsys.readouterr()
+    errors = [l for l in captured.err.splitlines() if l.startswith('error:')]
+    assert len(errors) == 1 and message in errors[0], captured.err
+    assert captured.out == ''
   assert snapshot(demo_run) == before

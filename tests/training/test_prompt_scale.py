@@ -154,8 +154,8 @@ def test_calibrate_prompt_scale_false_logs_ratios_and_keeps_u(restored_runs, cap
 
 
 def test_calibrate_prompt_scale_must_be_a_bool(tmp_path):
-  with pytest.raises(ValueError, match='calibrate_prompt_scale must be a bool.*'
-                                       'CALIBRATE_PROMPT_SCALE'):
+  with pytest.raises(ValueError, match="CALIBRATE_PROMPT_SCALE='no' is not accepted: "
+                                       'CALIBRATE_PROMPT_SCALE takes True or False'):
     commands.run(['train', '--gin_file=demo.gin', f'--gin.MODEL_DIR={tmp_path / "run"}',
              "--gin.CALIBRATE_PROMPT_SCALE='no'"])
   assert not (tmp_path / 'run').exists()
