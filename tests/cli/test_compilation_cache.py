@@ -8,6 +8,7 @@ stores a new entry.
 """
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -15,6 +16,10 @@ import jax
 import pytest
 
 from hyperprompt_t5x import compilation_cache
+
+# tests/, where step_helpers.py lives (the folder of the suite's conftest.py).
+STEP_HELPERS_DIR = next(p for p in pathlib.Path(__file__).resolve().parents
+                        if (p / 'step_helpers.py').is_file())
 
 SCRIPT = r'''
 import json, sys
@@ -40,7 +45,7 @@ print(json.dumps({'dir': directory, 'shape': list(logits.shape),
 
 
 def _run(cache, length, extra_xla_flags=''):
-  tests = os.path.dirname(os.path.abspath(__file__))
+  tests = str(STEP_HELPERS_DIR)
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
   env.update(HYPERPROMPT_COMPILATION_CACHE=str(cache), JAX_PLATFORMS='cpu',
              XLA_FLAGS=(env.get('XLA_FLAGS', '') + ' ' + extra_xla_flags).strip())
