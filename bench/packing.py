@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from bench import data_pipeline  # noqa: E402
 from bench import hf_peer  # noqa: E402
 from bench import train_step as jax_bench  # noqa: E402
+from hyperprompt_t5x import partitioning  # noqa: E402
 
 
 def _data_dir(name):
@@ -128,7 +129,6 @@ def rates(examples, times):
 def jax_examples_per_s(size, method, batches, steps, warmup):
   """Median-step examples/s of the project's train step over `batches` (one shape)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from hyperprompt_t5x import partitioning  # pylint: disable=g-import-not-at-top
   cfg = bench_config(size, method, batches[0])
   _, mesh, state, step_fn = jax_bench.build(cfg)
   times, n = [], []

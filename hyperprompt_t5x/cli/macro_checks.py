@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable, Optional
 
 from hyperprompt_t5x import gin_config, optim
+from hyperprompt_t5x.model.methods import METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +92,13 @@ SPECS = {
     'NUM_PARTITIONS': integer(1),
     'SEED': integer(0),
     'USE_HARDWARE_RNG': BOOLEAN,
+    'PACK': BOOLEAN,
     'XLA_FLAGS': text('XLA flags in one string', 'none'),
     # runs/eval.gin, runs/infer.gin
     'CHECKPOINT_PATH': text('a MODEL_DIR/checkpoint_<step> path', 'the newest in MODEL_DIR'),
     'INFER_OUTPUT_PATH': text('a file path', 'MODEL_DIR/predictions_<split>_<step>.jsonl'),
     # methods/conditioning.gin, models/*.gin
-    'METHOD': choice(gin_config.METHOD_NAMES),
+    'METHOD': choice(METHODS),
     'NUM_TASKS': integer(1),
     'PROMPT_LENGTH': integer(1),
     'BOTTLENECK': integer(1),
