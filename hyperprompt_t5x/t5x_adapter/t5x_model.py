@@ -68,7 +68,8 @@ def _feature_converter_cls(config: network.T5Config):
   """The tasks' converter; packed rows reserve prompt tuning's prompt positions."""
   from hyperprompt_t5x.tasks import feature_converter  # seqio + TF, like T5X itself
   return functools.partial(feature_converter.TaskIdEncDecFeatureConverter,
-                           prompt_positions=train_data.prompt_positions(config))
+                           prompt_positions=train_data.prompt_positions(config),
+                           num_tasks=config.num_tasks)
 
 
 class HyperPromptEncoderDecoderModel(t5x_models.EncoderDecoderModel):

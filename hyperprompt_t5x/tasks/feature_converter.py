@@ -17,8 +17,13 @@ The same class serves the lean trainer (tasks.get_dataset) and T5X
 (`utils.get_dataset` with `utils.DatasetConfig.pack`, `seqio.Evaluator`, as the
 model's FEATURE_CONVERTER_CLS). `task_feature_lengths` need only 'inputs' and
 'targets'.
+
+`num_tasks` (the model's): an example whose task id is outside [0, num_tasks) stops
+the input pipeline with one error naming the id, never reaching the model (a task's id
+is its id in its home mixture, so a lone task of a larger mixture would otherwise
+gather another row, or none, of the conditioning).
 """
-from typing import Mapping
+from typing import Mapping, Optional
 
 import seqio
 import tensorflow as tf
@@ -37,7 +42,8 @@ class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
 
   `prompt_positions` (packed rows only): encoder positions reserved at the start
   of each example for the task prompt (prompt tuning's l; see packing.py).
-  `bins`: open rows per task while packing.
+  `bins`: open rows per task while packing. `num_tasks`: ids outside [0, num_tasks)
+  are an error.
   """
 
   TASK_FEATURES = {
@@ -54,13 +60,15 @@ class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
   }
 
   def __init__(self, pack: bool = False, use_custom_packing_ops: bool = False,
-               prompt_positions: int = 0, bins: int = packing.DEFAULT_BINS, **kwargs):
+               prompt_positions: int = 0, bins: int = packing.DEFAULT_BINS,
+               num_tasks: Optional[int] = None, **kwargs):
     del use_custom_packing_ops  # packing.TaskPacker packs, never seqio's packing ops
     # seqio's own packers need rank-1 features; ours keeps task_ids a scalar per row,
     # which seqio allows with "custom packing ops".
     super().__init__(pack=pack, use_custom_packing_ops=pack, **kwargs)
     self._prompt_positions = int(prompt_positions) if pack else 0
     self._bins = bins
+    self._num_tasks = num_tasks
 
   def __call__(self, ds: tf.data.Dataset,
                task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
@@ -71,7 +79,20 @@ class TaskIdEncDecFeatureConverter(seqio.EncDecFeatureConverter):
           '(each emits its task id) or add an int32 [1] "task_id" to your task')
     lengths = dict(task_feature_lengths)
     lengths[TASK_ID_FEATURE] = 1
+    if self._num_tasks is not None:
+      ds = ds.map(self._check_task_id, num_parallel_calls=tf.data.AUTOTUNE)
     return super().__call__(ds, lengths)
+
+  def _check_task_id(self, ex):
+    task_id = ex[TASK_ID_FEATURE]
+    message = (f'task id out of range [0, num_tasks={self._num_tasks}): a task\'s id is its '
+               'id in its home mixture; train it inside that mixture (or with NUM_TASKS = '
+               'the mixture\'s task count), or alone with `hyperprompt-t5x train`, which '
+               'numbers a lone task 0')
+    checks = [tf.debugging.assert_non_negative(task_id, message=message),
+              tf.debugging.assert_less(task_id, self._num_tasks, message=message)]
+    with tf.control_dependencies(checks):
+      return dict(ex, **{TASK_ID_FEATURE: tf.identity(task_id)})
 
   def _convert_example(self, features):
     # {'inputs': [len_in], 'targets': [len_tgt], 'task_id': [1]} -> model features

@@ -133,6 +133,20 @@ def test_converter_pads_and_keeps_task_id():
   assert out['task_ids'] == 4
 
 
+@pytest.mark.parametrize('pack', [False, True])
+def test_converter_refuses_task_ids_outside_the_models_tasks(pack):
+  """A lone task of a larger mixture brings its home id (RTE: 7 in GLUE); a model of
+  NUM_TASKS=1 must stop on it, not gather a missing conditioning row."""
+  rows = [{'inputs': tf.constant([5, 6, 1]), 'targets': tf.constant([7, 1]),
+           'task_id': tf.constant([task_id], tf.int32)} for task_id in (0, 7)]
+  ds = tf.data.Dataset.from_tensor_slices({k: tf.stack([r[k] for r in rows]) for k in rows[0]})
+  lengths = {'inputs': 16, 'targets': 4}
+  fits = TaskIdEncDecFeatureConverter(pack=pack, num_tasks=8)(ds, lengths)
+  assert sorted(int(r['task_ids']) for r in fits.as_numpy_iterator()) == [0, 7]
+  with pytest.raises(tf.errors.OpError, match=r'task id out of range \[0, num_tasks=1\)'):
+    list(TaskIdEncDecFeatureConverter(pack=pack, num_tasks=1)(ds, lengths).as_numpy_iterator())
+
+
 def test_super_glue_eval_scores_decoded_targets_100(shared_data, tmp_path):
   """Every SuperGLUE eval set (real CB/COPA/RTE/WiC, fixtures for the rest): decoded
   target tokens scored as predictions give 100 on every metric, ids 0..7 in order."""
