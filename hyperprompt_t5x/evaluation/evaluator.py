@@ -27,6 +27,7 @@ from hyperprompt_t5x.checkpoints import step_dirs, t5x_run_store
 from hyperprompt_t5x.checkpoints.store import CheckpointStore
 from hyperprompt_t5x.model import network
 from hyperprompt_t5x.run import run_setup, train_state
+from hyperprompt_t5x.run.metrics_logging import log
 
 BEST_FILE = 'best.json'
 

@@ -284,9 +284,9 @@ def test_t5x_model_passes_the_packing_features():
   import seqio
   from t5x import optimizers as t5x_optimizers
   from hyperprompt_t5x.t5x_adapter import t5x_model
-  vocab = seqio.ByteVocabulary()
 
   def _t5x(config):
+    vocab = seqio.PassThroughVocabulary(config.vocab_size, eos_id=1)  # ids = the model's rows
     return t5x_model.HyperPromptEncoderDecoderModel(
         network.Transformer(config), vocab, vocab, t5x_optimizers.sgd(0.1), z_loss=1e-4,
         loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')

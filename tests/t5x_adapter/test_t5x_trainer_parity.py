@@ -66,7 +66,7 @@ def test_first_steps_losses_and_params_agree():
     our_losses.append(float(metrics['loss']))
 
   # T5X: its model class, Adafactor and train step; loss per target token like ours.
-  vocab = seqio.ByteVocabulary()
+  vocab = seqio.PassThroughVocabulary(config.vocab_size, eos_id=1)  # ids = the model's rows
   theirs = t5x_model.HyperPromptEncoderDecoderModel(
       network.Transformer(config), vocab, vocab,
       adafactor.Adafactor(decay_rate=0.8, step_offset=0,

@@ -213,7 +213,7 @@ def test_t5x_models_converter_reserves_prompt_tuning_slots(method, reserved):
   from hyperprompt_t5x.model import network  # pylint: disable=g-import-not-at-top
   from hyperprompt_t5x.t5x_adapter import t5x_model  # pylint: disable=g-import-not-at-top
   config = network.T5Config.from_size('tiny', method=method, num_tasks=3, prompt_length=3)
-  vocab = seqio.ByteVocabulary()
+  vocab = seqio.PassThroughVocabulary(config.vocab_size, eos_id=1)  # ids = the model's rows
   model = t5x_model.HyperPromptEncoderDecoderModel(network.Transformer(config), vocab, vocab,
                                                    t5x_optimizers.sgd(0.1))
   ds = tf.data.Dataset.from_tensors({'inputs': tf.constant([5, 6, 1]),
