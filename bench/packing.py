@@ -40,7 +40,9 @@ if str(_REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench import data_pipeline  # noqa: E402
+from bench import flops as flops_lib  # noqa: E402
 from bench import hf_peer  # noqa: E402
+from bench import step_analysis  # noqa: E402
 from bench import train_step as jax_bench  # noqa: E402
 from hyperprompt_t5x import partitioning  # noqa: E402
 
@@ -147,7 +149,7 @@ def jax_examples_per_s(size, method, batches, steps, warmup):
 def hf_examples_per_s(size, example_batches, steps, warmup):
   """The peer with dynamic padding: each batch padded to its longest example."""
   import torch  # pylint: disable=g-import-not-at-top
-  dims = jax_bench.flops_lib.Dims.from_config(jax_bench.model_config(bench_config(size, 'none')))
+  dims = flops_lib.Dims.from_config(step_analysis.model_config(bench_config(size, 'none')))
   torch.manual_seed(0)
   model, _ = hf_peer.build_hf_model(dims, 0.1)
   model.train()
