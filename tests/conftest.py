@@ -93,14 +93,14 @@ def sentencepiece_model(tmp_path_factory) -> pathlib.Path:
 
 
 def _session_root(tmp_path_factory) -> pathlib.Path:
-  """The session's temp root: shared by pytest-xdist's workers (each has a child of it)."""
+  """The test run's temp root: shared by pytest-xdist's workers (each has a child of it)."""
   base = tmp_path_factory.getbasetemp()
   return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
 
 
 @pytest.fixture(scope='module')
 def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache, one for the whole session (and its subprocesses).
+  """JAX's persistent compilation cache, one for the whole test run (and its subprocesses).
 
   One XLA compile per distinct program across every module, worker and
   subprocess that uses it: the trainer, demo, reliability and T5X tests build

@@ -1,4 +1,4 @@
-"""Issue 11's waste fixes compute the same function as before.
+"""The train step's leaner paths compute the same function as the plain ones.
 
 * fused attention keeps bf16 operands (float32 accumulation), same output as 'xla';
 * prompts gathered per layer == every block's prompts gathered per example up
