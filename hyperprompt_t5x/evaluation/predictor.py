@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
+import jax
 import numpy as np
 
 from hyperprompt_t5x import compilation_cache, partitioning
@@ -186,7 +187,6 @@ class Predictor:
             task: Optional[str] = None, truncate: bool = False) -> List[Optional[float]]:
     """log p(target | text) under `task` (summed over the target's tokens and EOS); one
     per text, in order (None for an empty or blank text)."""
-    import jax  # pylint: disable=g-import-not-at-top
     texts = check_texts(texts)
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
       raise TypeError(f'targets must be a list of strings, got {type(targets).__name__}')
